@@ -1,0 +1,187 @@
+"""What train_single.py and train_ddp.py share: argument parsing, the worker, the mp.spawn parent.
+
+Error policy (see launch/errors.py):
+- user mistakes: one line from rank 0, exit 2, raised before the process group exists where possible;
+- a peer died: one line, exit 4, no collective teardown (it could hang), the launcher reaps the rest;
+- anything else: the traceback, via torchrun's @record error file when under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from launch import config as config_mod
+from launch.errors import EXIT_CRASH, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        fail(f"{message} (see --help)", EXIT_USAGE)
+
+
+def parse(argv, prog: str, ddp: bool):
+    p = _Parser(
+        prog=prog,
+        description="Train the configured model. Settings: --config FILE, then key=value overrides (CLI > file > defaults).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (section.key = default  # meaning):\n" + config_mod.reference(),
+    )
+    p.add_argument("--config", "-c", help="YAML file with sections run, model, data, train, dist, ckpt, log")
+    if ddp:
+        p.add_argument("--nproc", type=int, help="start this many local processes with torch.multiprocessing.spawn (no torchrun needed)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=0.05 data.batch_size=64")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+    except UserError as e:
+        fail(str(e), e.code)
+    if ddp and args.nproc is not None and args.nproc < 1:
+        fail(f"--nproc must be >= 1, got {args.nproc}")
+    return cfg, (getattr(args, "nproc", None) if ddp else None)
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (it prints its own traceback)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out waiting", "Socket Timeout"))
+
+
+def run_worker(cfg) -> int:
+    """Set up, train, tear down. Returns the exit code (the caller exits)."""
+    from launch import dist as dist_mod
+    from launch.loop import Stopped, train
+
+    try:
+        env = dist_mod.detect()
+    except UserError as e:
+        fail(str(e), e.code)
+    rt = None
+    try:
+        rt = dist_mod.setup(cfg, env)
+        result = train(cfg, rt)
+        if env.is_main and result:
+            print(
+                f"done: eval_accuracy {result['eval_accuracy']:.4f} eval_loss {result['eval_loss']:.4f} "
+                f"at epoch {result['epoch']} step {result['step']}; run dir {cfg.run.dir}",
+                flush=True,
+            )
+        dist_mod.teardown(rt)
+        return 0
+    except UserError as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        dist_mod.exit_hard(e.code)
+    except Stopped as e:
+        # Every rank agreed on this stop and passed the save barrier: a normal teardown is safe.
+        if env.is_main:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        if rt is not None:
+            dist_mod.teardown(rt)
+        return e.code
+    except Exception as e:
+        if rt is not None and env.distributed and _is_peer_failure(e):
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"rank {env.rank}: stopping because another rank failed ({first})", file=sys.stderr, flush=True)
+            dist_mod.exit_hard(EXIT_PEER_FAILED)
+        raise
+
+
+def worker_main(cfg) -> None:
+    """Process entry under torchrun, srun or plain python; @record gives torchrun the traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    code = record(run_worker)(cfg)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- mp.spawn
+
+
+def _spawn_entry(local_rank: int, nproc: int, port: int, cfg_dict: dict) -> None:
+    """Child of `--nproc N` (module level so spawn can pickle it)."""
+    os.environ.update(
+        RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1",
+    )
+    cfg = config_mod.from_dict(cfg_dict)
+    code = run_worker(cfg)
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # spawn turns SystemExit into a traceback; the exit code says enough
+
+
+def spawn(cfg, nproc: int) -> int:
+    """Run `nproc` local workers. The parent hosts the rendezvous store on a free port it holds
+    (port 0), so two runs on one host never race for a port."""
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        fail(f"--nproc {nproc} but only {torch.cuda.device_count()} visible GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        fail("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+    # spawn leaves OMP threads unset: N workers x all cores each oversubscribes the CPU badly.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+    ctx = mp.start_processes(_spawn_entry, args=(nproc, store.port, cfg.to_dict()), nprocs=nproc, join=False, start_method="spawn")
+
+    def forward(signum, frame):  # Ctrl-C / SIGTERM to the parent reach every worker
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while not ctx.join(timeout=0.5):
+            pass
+    except mp.ProcessExitedException as e:
+        return _peer_cleanup(ctx, e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_CRASH)
+    except mp.ProcessRaisedException as e:
+        print(str(e).rstrip(), file=sys.stderr, flush=True)
+        return _peer_cleanup(ctx, EXIT_CRASH)
+    return 0
+
+
+def _peer_cleanup(ctx, code: int) -> int:
+    deadline = time.monotonic() + 5
+    for p in ctx.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+    return code
+
+
+def main_ddp(argv=None) -> None:
+    cfg, nproc = parse(sys.argv[1:] if argv is None else argv, "train_ddp.py", ddp=True)
+    if nproc is not None:
+        from launch import dist as dist_mod
+
+        try:
+            env = dist_mod.detect()
+        except UserError as e:
+            fail(str(e), e.code)
+        if env.launcher != "plain":
+            fail(f"--nproc starts its own processes; it cannot run under {env.launcher} (drop --nproc)")
+        sys.exit(spawn(cfg, nproc))
+    worker_main(cfg)
+
+
+def main_single(argv=None) -> None:
+    cfg, _ = parse(sys.argv[1:] if argv is None else argv, "train_single.py", ddp=False)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        fail("train_single.py runs one process; use train_ddp.py under torchrun/srun")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(var, None)
+    os.environ.pop("SLURM_PROCID", None)
+    worker_main(cfg)
