@@ -1,0 +1,44 @@
+"""The `launch` command: tools around the two training scripts (which stay train_single.py and train_ddp.py).
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`,
+imported only when used so `launch --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from launch.errors import UserError, fail
+
+SUBCOMMANDS = {
+    "predict": ("launch.predict", "batched inference or eval-only from a checkpoint"),
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="launch", description="Tools for the PyTorch training launcher.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            fail(f"unknown command '{argv[0]}' (one of {', '.join(SUBCOMMANDS)})")
+        parser.print_help()
+        sys.exit(0 if argv else 2)
+    module_name, help_text = SUBCOMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    sp = argparse.ArgumentParser(prog=f"launch {argv[0]}", description=help_text)
+    module.add_arguments(sp)
+    args = sp.parse_args(argv[1:])
+    try:
+        code = module.run(args)
+    except UserError as e:
+        fail(str(e), e.code)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()
