@@ -1,0 +1,191 @@
+"""Issue 2: the launchers agree with each other, and the distributed math is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from launch import config, data
+from launch.errors import UserError
+from launch.model import NeuralNetwork
+from tests import dist_checks
+from tests.helpers import PY, output, run, single, spawn, torchrun
+
+
+# --------------------------------------------------------------------------- sampler (pure)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_order_is_torch_distributed_sampler(world_size):
+    n = 10
+    for epoch in range(3):
+        for rank in range(world_size):
+            ref = DistributedSampler(list(range(n)), num_replicas=world_size, rank=rank, shuffle=True, seed=5)
+            ref.set_epoch(epoch)
+            assert data.rank_train_indices(n, 5, epoch, rank, world_size).tolist() == list(ref)
+
+
+def test_mid_epoch_start_is_the_remaining_positions():
+    # Resuming at global position s: each rank's remaining indices are the tail of its full shard.
+    full = [data.rank_train_indices(12, 3, 2, r, 3).tolist() for r in range(3)]
+    rest = [data.rank_train_indices(12, 3, 2, r, 3, start=6).tolist() for r in range(3)]
+    assert rest == [f[2:] for f in full]
+    assert data.resume_offset(7, 3) == 6 and data.resume_offset(6, 2) == 6
+
+
+# --------------------------------------------------------------------------- real gloo groups
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    out = {}
+    for ws in (1, 2, 3):
+        d = tmp_path_factory.mktemp(f"ws{ws}")
+        out[ws] = dist_checks.run_checks(ws, str(d))
+    return out
+
+
+def test_sampler_shards_disjoint_cover_and_reshuffle(gloo_results):
+    ranks = gloo_results[3]
+    n = dist_checks.N_TRAIN
+    assert all(r["backend"] == "gloo" for r in ranks)
+    for epoch in range(3):
+        shards = [r["shards"][epoch] for r in ranks]
+        assert len({len(s) for s in shards}) == 1, "ranks must take the same number of samples (no uneven-input hang)"
+        flat = [i for s in shards for i in s]
+        assert set(flat) == set(range(n)), "every sample is trained on"
+        assert len(flat) - len(set(flat)) == 3 * len(shards[0]) - n, "only DistributedSampler's padding repeats"
+        # without the padded tail the shards are disjoint
+        head = [s[: n // 3] for s in shards]
+        assert not (set(head[0]) & set(head[1]) or set(head[0]) & set(head[2]) or set(head[1]) & set(head[2]))
+    assert ranks[0]["shards"][0] != ranks[0]["shards"][1], "set_epoch must change the order"
+    # Feeder really yields those shards, with an equal number of batches on each rank
+    batches = [r["batches_epoch1"] for r in ranks]
+    assert len({len(b) for b in batches}) == 1
+    assert [[i for b in bs for i in b] for bs in batches] == [r["shards"][1] for r in ranks]
+
+
+def test_exact_eval_identical_for_world_sizes(gloo_results):
+    ref_loss, ref_acc, ref_n = gloo_results[1][0]["eval"]
+    assert ref_n == dist_checks.N_EVAL
+    for ws in (2, 3):
+        for r in gloo_results[ws]:
+            loss, acc, count = r["eval"]
+            assert count == dist_checks.N_EVAL, "each evaluation sample counted exactly once"
+            assert acc == ref_acc
+            assert loss == pytest.approx(ref_loss, rel=1e-12, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The four launchers on one tiny job: per-process batch 16; single at 32 and 48 matches k=2, 3."""
+    base = tmp_path_factory.mktemp("e2e")
+    procs = {
+        "single32": single(base / "single32", "data.batch_size=32"),
+        "single48": single(base / "single48", "data.batch_size=48"),
+        "spawn2": spawn(2, base / "spawn2"),
+        "torchrun3": torchrun(3, base / "torchrun3"),
+    }
+    return base, procs
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_every_launcher_writes_the_run_directory(runs):
+    base, procs = runs
+    for name, p in procs.items():
+        assert p.returncode == 0, output(p)
+        d = base / name
+        assert (d / "config.yaml").is_file() and (d / "model.pt").is_file() and (d / "checkpoints" / "latest").is_file()
+        assert len(_metrics(d)) == 2, name
+        assert "done: eval_accuracy" in p.stdout
+    assert "launcher=torchrun" in procs["torchrun3"].stdout and "world_size=3" in procs["torchrun3"].stdout
+    assert "launcher=spawn" in procs["spawn2"].stdout and "world_size=2" in procs["spawn2"].stdout
+    assert "launcher=plain" in procs["single32"].stdout
+
+
+def test_ddp_weights_load_strict_into_the_bare_model(runs):
+    base, _ = runs
+    state = _weights(base / "torchrun3")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    model = NeuralNetwork(16, [32, 16], 2)
+    model.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("ddp,ref", [("spawn2", "single32"), ("torchrun3", "single48")])
+def test_ddp_equals_single_process_at_the_same_global_batch(runs, ddp, ref):
+    base, _ = runs
+    a, b = _weights(base / ddp), _weights(base / ref)
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, f"max |delta| = {diff}"
+    ma, mb = _metrics(base / ddp), _metrics(base / ref)
+    for ra, rb in zip(ma, mb):
+        assert ra["step"] == rb["step"]
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], abs=1e-6)
+        assert ra["eval_accuracy"] == rb["eval_accuracy"]
+
+
+def test_default_job_learns(tmp_path):
+    p = run([PY, "train_single.py", f"run.dir={tmp_path}", "log.progress=false"])
+    assert p.returncode == 0, output(p)
+    acc = float(p.stdout.split("done: eval_accuracy ")[1].split()[0])
+    assert acc >= 0.75, f"the default job should clearly beat chance (0.5), got {acc}"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_cli_beats_file_beats_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.5\n  epochs: 3\ndata:\n  batch_size: 8\n")
+    cfg = config.load(str(f), ["train.lr=0.25", "model.hidden=[4, 5]"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.data.batch_size, cfg.model.hidden) == (0.25, 3, 8, [4, 5])
+    assert cfg.train.optimizer == "sgd" and cfg.run.dir == "runs/c"
+    with pytest.raises(UserError, match="did you mean 'train.lr'"):
+        config.load(None, ["train.lrr=1"])
+
+
+def test_every_field_has_a_docstring():
+    import dataclasses
+
+    for section in dataclasses.fields(config.Config):
+        cls = section.default_factory
+        docs = config.field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{section.name}: fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train.lrr=0.1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["data.batch_size=abc"], "data.batch_size: expected an integer"),
+        (["train.lr=-0.1"], "train.lr: must be > 0"),
+        (["data.batch_size=0"], "data.batch_size: must be > 0"),
+        (["model.hidden=[64,0]"], "model.hidden[1]: must be > 0"),
+        (["train.device=cuda"], "train.device=cuda but CUDA is not available"),
+    ],
+)
+@pytest.mark.parametrize("script", ["train_single.py", "train_ddp.py"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, script):
+    extra = ["--nproc", "2"] if script == "train_ddp.py" else []
+    p = run([PY, script, *extra, f"run.dir={tmp_path / 'r'}", *args], timeout=30)
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], output(p)
+    assert p.wall < 15
+    assert not (tmp_path / "r" / "checkpoints").exists()
