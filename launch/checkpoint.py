@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -155,11 +156,9 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()
-        why = next((line.strip() for line in detail if "Unsupported global" in line or "GLOBAL" in line), "")
-        raise CheckpointError(
-            f"checkpoint {path}: refused: it contains pickled Python objects, not just tensors (weights_only=True blocked it{': ' + why if why else ''})"
-        ) from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"checkpoint {path}: refused: it contains a pickled Python object{what}, not only tensors; it was not executed") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {path}: unreadable (truncated or not a torch file: {first})") from None

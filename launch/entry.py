@@ -15,7 +15,7 @@ import sys
 import time
 
 from launch import config as config_mod
-from launch.errors import EXIT_CRASH, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
+from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +82,7 @@ def run_worker(cfg) -> int:
     except Stopped as e:
         # Every rank agreed on this stop and passed the save barrier: a normal teardown is safe.
         if env.is_main:
-            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            print(("error: " if e.code == EXIT_NONFINITE else "") + str(e), file=sys.stderr, flush=True)
         if rt is not None:
             dist_mod.teardown(rt)
         return e.code

@@ -1,0 +1,218 @@
+"""Issue 3: checkpoints never lose work, and resuming gives the same result as not stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from launch import checkpoint
+from launch.errors import EXIT_STOPPED
+from launch.model import NeuralNetwork, clean_state_dict
+from tests.helpers import PY, ROOT, SMALL, env, output, run, single, spawn, torchrun
+
+# SMALL: 384 samples, batch 16 -> 24 steps per epoch single, 12 per epoch with 2 ranks, 8 with 3.
+EPOCHS3 = "train.epochs=3"
+
+
+def final_state(run_dir):
+    """The final checkpoint (latest) and weights of a finished run."""
+    ck = checkpoint.checkpoint_dir(run_dir)
+    latest = checkpoint.read_latest(ck)
+    return torch.load(ck / latest, weights_only=True), torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def assert_same_training_state(a_dir, b_dir):
+    (ca, wa), (cb, wb) = final_state(a_dir), final_state(b_dir)
+    assert ca["step"] == cb["step"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"parameter {k} differs"
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa, "optimizer state must be saved (momentum buffers)"
+    for i in sa:
+        for name, value in sa[i].items():
+            assert torch.equal(value, sb[i][name]), f"optimizer state {i}.{name} differs"
+    assert ca["scheduler"] == cb["scheduler"]
+
+
+def steps_in_metrics(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs to compare against: single process and 2 ranks, momentum on."""
+    base = tmp_path_factory.mktemp("ref")
+    p1 = single(base / "single", EPOCHS3, "train.momentum=0.9")
+    p2 = spawn(2, base / "ddp2", EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5")
+    assert p1.returncode == 0, output(p1)
+    assert p2.returncode == 0, output(p2)
+    return base
+
+
+@pytest.mark.parametrize("stop_step,where", [(24, "after epoch 0"), (30, "mid-epoch 1")])
+def test_stop_and_rerun_is_bitwise_identical_single(reference, tmp_path, stop_step, where):
+    args = (EPOCHS3, "train.momentum=0.9", "train.check_every_steps=1")
+    first = single(tmp_path, *args, LAUNCH_FAULT=f"stop:step={stop_step}")
+    assert first.returncode == EXIT_STOPPED, output(first)
+    assert f"at step {stop_step} ({where})" in first.stderr
+    assert checkpoint.read_latest(checkpoint.checkpoint_dir(tmp_path)) == f"step_{stop_step:08d}.pt"
+    second = single(tmp_path, *args)  # the same command again
+    assert second.returncode == 0, output(second)
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stop_step:08d}.pt'}" in second.stdout
+    assert_same_training_state(tmp_path, reference / "single")
+    assert steps_in_metrics(tmp_path) == [24, 48, 72], "one metrics record per epoch, none duplicated"
+
+
+def test_stop_mid_epoch_and_rerun_is_bitwise_identical_ddp(reference, tmp_path):
+    args = (EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5", "train.check_every_steps=1")
+    first = spawn(2, tmp_path, *args, LAUNCH_FAULT="stop:step=17")
+    assert first.returncode == EXIT_STOPPED, output(first)
+    second = spawn(2, tmp_path, *args)
+    assert second.returncode == 0, output(second)
+    assert "(epoch 1, step 17)" in second.stdout
+    assert_same_training_state(tmp_path, reference / "ddp2")
+
+
+def test_elastic_restart_resumes_from_latest(reference, tmp_path):
+    """kill -9 one rank; torchrun restarts the group, which resumes instead of starting at step 0."""
+    p = torchrun(
+        2, tmp_path, EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5",
+        torchrun_args=("--max-restarts=2",), LAUNCH_FAULT="kill:step=22:rank=1:attempt=0", timeout=180,
+    )
+    assert p.returncode == 0, output(p)
+    assert "torchrun restart 1 (TORCHELASTIC_RESTART_COUNT)" in p.stdout
+    assert "resumed from" in p.stdout and "(epoch 1, step 20)" in p.stdout
+    assert_same_training_state(tmp_path, reference / "ddp2")
+
+
+def test_kill_during_save_keeps_previous_checkpoint(reference, tmp_path):
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=0"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(LAUNCH_FAULT="stall_save:step=48:seconds=120"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckdir = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(ckdir.glob(".step_00000048.pt.tmp-*")):
+        time.sleep(0.05)
+    assert list(ckdir.glob(".step_00000048.pt.tmp-*")), "the writer should be stalled before its rename"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not (ckdir / "step_00000048.pt").exists(), "no half-written file under a final name"
+    assert checkpoint.read_latest(ckdir) == "step_00000024.pt"
+    checkpoint.load(ckdir / "step_00000024.pt")  # the previous checkpoint is intact
+    again = run(args)
+    assert again.returncode == 0, output(again)
+    assert "(epoch 1, step 24)" in again.stdout
+    assert not list(ckdir.glob(".*.tmp-*")), "stale temporaries are cleaned up"
+    assert_same_training_state(tmp_path, reference / "single")
+
+
+def test_truncated_newest_falls_back_to_previous(reference, tmp_path):
+    args = (EPOCHS3, "train.momentum=0.9", "train.check_every_steps=1")
+    first = single(tmp_path, *args, "ckpt.every_steps=10", LAUNCH_FAULT="stop:step=40")
+    assert first.returncode == EXIT_STOPPED, output(first)
+    newest = tmp_path / "checkpoints" / "step_00000040.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    second = single(tmp_path, *args, "ckpt.every_steps=10")
+    assert second.returncode == 0, output(second)
+    assert f"checkpoint {newest}: unreadable" in second.stdout and "falling back to the previous checkpoint" in second.stdout
+    assert "(epoch 1, step 30)" in second.stdout
+    assert_same_training_state(tmp_path, reference / "single")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {Payload.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    Payload.marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": Payload()}, evil)
+    p = single(tmp_path / "run", f"ckpt.resume={evil}", timeout=60)
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(evil) in lines[0] and "pickled Python object" in lines[0], output(p)
+    assert not Payload.marker.exists(), "the payload must not execute"
+    assert evil.stat().st_size > 0, "nothing overwritten"
+
+
+@pytest.mark.parametrize("kind", ["foreign", "truncated", "shape"])
+def test_bad_checkpoint_given_explicitly_is_one_line(reference, tmp_path, kind):
+    src = reference / "single" / "checkpoints" / checkpoint.read_latest(reference / "single" / "checkpoints")
+    bad = tmp_path / "bad.pt"
+    if kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, bad)
+        needle = "not a launch checkpoint"
+    elif kind == "truncated":
+        bad.write_bytes(src.read_bytes()[:500])
+        needle = "unreadable"
+    else:
+        bad.write_bytes(src.read_bytes())
+        needle = "does not fit this model"
+    extra = ["model.hidden=[8]"] if kind == "shape" else []
+    p = single(tmp_path / "run", f"ckpt.resume={bad}", *extra, timeout=60)
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and str(bad) in lines[0], output(p)
+
+
+def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(tmp_path):
+    args = (EPOCHS3, "train.check_every_steps=1")
+    first = torchrun(3, tmp_path / "a", *args, LAUNCH_FAULT="stop:step=12")  # mid-epoch 1 (8 steps per epoch)
+    assert first.returncode != 0, output(first)  # torchrun reports the workers' exit 75 as a failure
+    assert "stopped by SIGTERM at step 12 (mid-epoch 1); checkpoint saved" in first.stderr, output(first)
+    ck = checkpoint.load(tmp_path / "a" / "checkpoints" / "step_00000012.pt")
+    assert ck["world_size"] == 3 and ck["samples_in_epoch"] == 4 * 16 * 3
+    # the same checkpoint, continued by one process and by two
+    for name, launch in (("single", lambda d: single(d, *args, f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000012.pt'}")),
+                         ("ddp2", lambda d: spawn(2, d, *args, f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000012.pt'}"))):
+        p = launch(tmp_path / name)
+        assert p.returncode == 0, output(p)
+        assert "written with world size 3" in p.stdout
+        assert "(epoch 1, step 12)" in p.stdout
+        NeuralNetwork(16, [32, 16], 2).load_state_dict(torch.load(tmp_path / name / "model.pt", weights_only=True), strict=True)
+
+
+def test_checkpoint_is_plain_tensors_and_prefix_free(reference):
+    ck_dir = reference / "ddp2" / "checkpoints"
+    ck = torch.load(ck_dir / checkpoint.read_latest(ck_dir), weights_only=True)  # raises if anything is pickled
+    for key in ("model", "optimizer", "scheduler", "epoch", "step", "samples_in_epoch", "rng", "config", "world_size"):
+        assert key in ck
+    assert set(ck["rng"]) >= {"torch", "python"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert len(list(ck_dir.glob("step_*.pt"))) == 3, "ckpt.keep_last=3 prunes older checkpoints"
+
+
+def test_compiled_model_state_loads_into_uncompiled():
+    model = NeuralNetwork(4, [8], 2)
+    compiled = torch.compile(model)  # wrapping is enough: the keys gain _orig_mod.
+    ddp_like = {f"module.{k}": v for k, v in compiled.state_dict().items()}
+    assert any(k.startswith("module._orig_mod.") for k in ddp_like)
+    fresh = NeuralNetwork(4, [8], 2)
+    fresh.load_state_dict(clean_state_dict(ddp_like), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_foreign_run_directory_is_refused_and_never_overwritten(reference, tmp_path):
+    import shutil
+
+    shutil.copytree(reference / "single", tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    p = single(tmp_path / "run", EPOCHS3, "train.momentum=0.9", "train.lr=0.3")
+    assert p.returncode == 2, output(p)
+    assert "holds a run with a different config (train.lr: 0.1 -> 0.3)" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    # told to start fresh: the old checkpoints are moved aside, never deleted
+    fresh = single(tmp_path / "run", "train.epochs=1", "train.lr=0.3", "ckpt.resume=never")
+    assert fresh.returncode == 0, output(fresh)
+    assert "resumed from" not in fresh.stdout
+    moved = list((tmp_path / "run").glob("checkpoints.old-*"))
+    assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == before
