@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
-import time
+import traceback
 
 from launch import config as config_mod
 from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
@@ -88,18 +89,27 @@ def run_worker(cfg) -> int:
         return e.code
     except Exception as e:
         if rt is not None and env.distributed and _is_peer_failure(e):
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
             print(f"rank {env.rank}: stopping because another rank failed ({first})", file=sys.stderr, flush=True)
             dist_mod.exit_hard(EXIT_PEER_FAILED)
         raise
 
 
-def worker_main(cfg) -> None:
-    """Process entry under torchrun, srun or plain python; @record gives torchrun the traceback."""
+def worker_main(cfg) -> "NoReturn":  # noqa: F821
+    """Process entry under every launcher. A crash is recorded for torchrun (@record: its summary
+    then shows this traceback as the root cause), printed once otherwise, and the process leaves
+    at once: no interpreter teardown that could block on a half-dead process group."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    code = record(run_worker)(cfg)
-    sys.exit(code)
+    from launch.dist import exit_hard
+
+    try:
+        code = record(run_worker)(cfg)
+    except Exception:
+        if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+            traceback.print_exc()
+        exit_hard(EXIT_CRASH)
+    exit_hard(code)
 
 
 # --------------------------------------------------------------------------- mp.spawn
@@ -111,12 +121,7 @@ def _spawn_entry(local_rank: int, nproc: int, port: int, cfg_dict: dict) -> None
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1",
     )
-    cfg = config_mod.from_dict(cfg_dict)
-    code = run_worker(cfg)
-    if code:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # spawn turns SystemExit into a traceback; the exit code says enough
+    worker_main(config_mod.from_dict(cfg_dict))
 
 
 def spawn(cfg, nproc: int) -> int:
@@ -143,23 +148,27 @@ def spawn(cfg, nproc: int) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        while not ctx.join(timeout=0.5):
+        # After a failure, peers get 5 s to leave on their own (they see the dead peer within
+        # milliseconds), then SIGTERM, then SIGKILL: never the 30 s default grace period.
+        while not ctx.join(timeout=0.5, grace_period=5):
             pass
-    except mp.ProcessExitedException as e:
-        return _peer_cleanup(ctx, e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_CRASH)
-    except mp.ProcessRaisedException as e:
-        print(str(e).rstrip(), file=sys.stderr, flush=True)
-        return _peer_cleanup(ctx, EXIT_CRASH)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        return _root_cause(ctx)
     return 0
 
 
-def _peer_cleanup(ctx, code: int) -> int:
-    deadline = time.monotonic() + 5
-    for p in ctx.processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-    return code
+def _root_cause(ctx) -> int:
+    """The exit code of the rank that failed first, not of the peers that stopped because of it."""
+    for rank, p in enumerate(ctx.processes):
+        code = p.exitcode
+        if code is None or code == 0 or code in (EXIT_PEER_FAILED, -signal.SIGTERM):
+            continue
+        if code < 0:
+            print(f"error: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr, flush=True)
+            return 128 - code
+        return code
+    codes = [p.exitcode for p in ctx.processes if p.exitcode]
+    return codes[0] if codes and codes[0] > 0 else EXIT_CRASH
 
 
 def main_ddp(argv=None) -> None:

@@ -348,7 +348,7 @@ def train(cfg, rt: Runtime) -> dict:
             elif due or pos.step % cfg.train.check_every_steps == 0:
                 wants_stop, nonfinite = agree(loss_sum)
                 if nonfinite:
-                    raise Stopped(f"non-finite loss detected at step {pos.step} (epoch {epoch}); the last good checkpoint is kept", EXIT_NONFINITE)
+                    raise Stopped(nonfinite_message(cfg, pos.step, epoch), EXIT_NONFINITE)
                 if wants_stop or due:
                     save_checkpoint(consumed, loss_sum, loss_count)
                 if wants_stop:
@@ -361,7 +361,7 @@ def train(cfg, rt: Runtime) -> dict:
         # End of epoch: one agreement, the global train loss, exact evaluation, log, checkpoint.
         wants_stop, nonfinite = agree(loss_sum)
         if nonfinite:
-            raise Stopped(f"non-finite loss detected at step {pos.step} (epoch {epoch}); the last good checkpoint is kept", EXIT_NONFINITE)
+            raise Stopped(nonfinite_message(cfg, pos.step, epoch), EXIT_NONFINITE)
         totals = torch.stack([loss_sum, loss_count])
         all_reduce_sum(totals, rt)
         seen = torch.tensor([float(samples_seen)], device=rt.device)
@@ -398,6 +398,13 @@ def train(cfg, rt: Runtime) -> dict:
         final = clean_state_dict(unwrap(model).state_dict())
         checkpoint.atomic_write(run_dir / "model.pt", lambda f: torch.save(final, f))
     return result
+
+
+def nonfinite_message(cfg, step: int, epoch: int) -> str:
+    return (
+        f"non-finite loss (NaN/inf) detected at step {step} (epoch {epoch}; checked every "
+        f"{cfg.train.check_every_steps} steps); no checkpoint written after it, the last good one is kept"
+    )
 
 
 def _finish_stop(stop: StopRequest, rt: Runtime, pos: Position, run_dir: Path, mid_epoch: bool) -> None:

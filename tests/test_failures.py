@@ -1,0 +1,164 @@
+"""Issue 5: fail fast, never hang; stop cleanly on signals; one-line errors for bad input; doctor."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launch import checkpoint
+from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
+from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, single, spawn, torchrun
+
+BOUND_S = 30  # the whole job must be down this fast after a rank fails
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_failing_rank_takes_the_job_down_fast(tmp_path, launcher, fault):
+    start = torchrun if launcher == "torchrun" else spawn
+    p = start(3, tmp_path, "train.epochs=50", LAUNCH_FAULT=f"{fault}:step=3:rank=1", timeout=120)
+    assert p.returncode != 0, output(p)
+    assert p.wall < BOUND_S, f"took {p.wall:.1f}s"
+    text = p.stdout + p.stderr
+    if fault == "raise":
+        assert text.count("RuntimeError: injected failure at step 3") == 1, output(p)
+    elif launcher == "spawn":
+        assert "error: rank 1 was killed by SIGKILL" in text, output(p)
+    # the surviving ranks say one line each, no cascade of secondary tracebacks
+    assert text.count("stopping because another rank failed") <= 2
+    assert text.count("Traceback (most recent call last)") <= (2 if launcher == "torchrun" else 1), output(p)
+
+
+def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
+    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train_ddp.py", *SMALL, f"run.dir={tmp_path}",
+            "data.n_train=20000", "train.epochs=50", "train.check_every_steps=5"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
+            time.sleep(0.1)
+        time.sleep(1.5)  # well inside epoch 0 (625 steps per epoch per rank)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "checkpoint saved, rerun the same command to resume" in err, err
+    assert "mid-epoch 0" in err
+    # torchrun itself reports the signal with a traceback of its own; the workers print none
+    assert "[rank0]:" not in err and "[rank1]:" not in err and "launch/loop.py" not in err, err
+    latest = checkpoint.read_latest(tmp_path / "checkpoints")
+    assert latest is not None
+    step = checkpoint.load(tmp_path / "checkpoints" / latest)["step"]
+    assert 0 < step < 625
+    again = run([*args[:-2], "train.epochs=1", "train.check_every_steps=5"], timeout=120)
+    assert again.returncode == 0, output(again)
+    assert f"(epoch 0, step {step})" in again.stdout
+
+
+def test_sigint_to_single_process_stops_with_exit_75(tmp_path):
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_STOPPED, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT at step"), err
+    assert checkpoint.read_latest(tmp_path / "checkpoints") is not None
+
+
+def test_stop_file_is_honoured_and_consumed(tmp_path):
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
+        time.sleep(0.1)
+    (tmp_path / "STOP").touch()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_STOPPED, err
+    assert f"stopped by stop file {tmp_path / 'STOP'}" in err
+    assert not (tmp_path / "STOP").exists(), "a requeued job must not stop again at once"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = spawn(2, tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", LAUNCH_FAULT="nan:step=6")
+    assert p.returncode == EXIT_NONFINITE, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert [line for line in lines if "non-finite loss" in line] == [lines[-1]], output(p)
+    assert "detected at step 8" in p.stderr
+    assert checkpoint.read_latest(tmp_path / "checkpoints") == "step_00000004.pt"
+    ck = checkpoint.load(tmp_path / "checkpoints" / "step_00000004.pt")
+    assert all(t.isfinite().all() for t in ck["model"].values())
+
+
+def test_two_spawn_runs_at_once_do_not_collide(tmp_path):
+    procs = [
+        subprocess.Popen([PY, "train_ddp.py", "--nproc", "2", *SMALL, "train.epochs=1", f"run.dir={tmp_path / str(i)}"],
+                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = [(p.communicate(timeout=120), p.returncode) for p in procs]
+    for (out, err), code in results:
+        assert code == 0, err
+        assert "done: eval_accuracy" in out
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp):
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\n")
+    return [
+        ("unknown key", [PY, "train_single.py", "data.batch_szie=8"], {}, "did you mean 'data.batch_size'"),
+        ("wrong type", [PY, "train_single.py", "train.epochs=two"], {}, "train.epochs: expected an integer, got 'two'"),
+        ("out of range", [PY, "train_single.py", "ckpt.keep_last=0"], {}, "ckpt.keep_last: must be >= 1"),
+        ("bad choice", [PY, "train_single.py", "train.optimizer=adam"], {}, "train.optimizer: must be one of sgd, adamw"),
+        ("missing config", [PY, "train_single.py", "--config", str(tmp / "nope.yaml")], {}, f"config file not found: {tmp / 'nope.yaml'}"),
+        ("invalid yaml", [PY, "train_single.py", "--config", str(bad_yaml)], {}, f"invalid YAML in {bad_yaml} at line"),
+        ("too little data", [PY, "train_ddp.py", "--nproc", "2", "data.n_train=20", "data.batch_size=16"], {}, "fewer than one global batch (16 per process x 2 processes = 32)"),
+        ("output size", [PY, "train_single.py", "model.out_features=3"], {}, "model.out_features=3 but the dataset has 2 classes"),
+        ("no cuda", [PY, "train_single.py", "train.device=cuda"], {}, "train.device=cuda but CUDA is not available"),
+        ("nproc < 1", [PY, "train_ddp.py", "--nproc", "0"], {}, "--nproc must be >= 1"),
+        ("world size vs slurm", [PY, "train_ddp.py"], {"WORLD_SIZE": "4", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "WORLD_SIZE=4 disagrees with SLURM_NTASKS=2"),
+        ("missing import", [PY, "train_single.py", "model.name=nosuch.module:Net"], {}, "cannot import module 'nosuch.module'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_bad_input_one_line_exit_2_fast(tmp_path, case):
+    name, cmd, extra_env, needle = _bad_inputs(tmp_path)[case]
+    p = run([*cmd, f"run.dir={tmp_path / 'run'}", "log.progress=false"], timeout=30, **extra_env)
+    assert p.returncode == 2, f"{name}: {output(p)}"
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], f"{name}: {output(p)}"
+    assert p.wall <= 10, f"{name} took {p.wall:.1f}s"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def test_doctor_reports_this_machine():
+    p = run([PY, "-m", "launch", "doctor"], timeout=60)
+    assert p.returncode == 0, output(p)
+    assert "CUDA available                  False" in p.stdout
+    assert "gloo=True" in p.stdout and "launcher                        plain" in p.stdout
+
+
+def test_doctor_flags_an_inconsistent_environment():
+    p = run([PY, "-m", "launch", "doctor"], timeout=60, WORLD_SIZE="4", SLURM_NTASKS="2", SLURM_PROCID="0")
+    assert p.returncode != 0, output(p)
+    assert "WORLD_SIZE=4 disagrees with SLURM_NTASKS=2" in p.stderr
+
+
+def test_doctor_under_torchrun_gathers_every_rank():
+    p = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "launch", "doctor"], timeout=90)
+    assert p.returncode == 0, output(p)
+    assert "rank 0:" in p.stdout and "rank 1:" in p.stdout
