@@ -186,6 +186,18 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def reference_markdown() -> str:
+    """The config reference as a Markdown table (README's "Configuration reference": `python -m launch.config`)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
 def reference() -> str:
     """The config reference as Markdown-ish text (used by --help and the README)."""
     lines = []
@@ -408,3 +420,7 @@ def differences(old: dict, new: dict) -> list[str]:
             if before != value:
                 out.append(f"{name}: {before!r} -> {value!r}")
     return out
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -189,3 +189,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, script):
     assert len(lines) == 1 and needle in lines[0], output(p)
     assert p.wall < 15
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_readme_config_reference_is_current():
+    readme = (config.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start (regenerate: python -m launch.config) -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert block == config.reference_markdown(), "README's config reference is stale: python -m launch.config"
