@@ -52,9 +52,11 @@ class StopRequest:
         self.first_at = 0.0
         self.stop_file = stop_file
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def install(self) -> dict:
+        """Install the handlers; return the previous ones (restored when training returns)."""
+        return {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
@@ -160,13 +162,22 @@ def prepare_run_dir(cfg, rt: Runtime, resumed_from, warn) -> None:
 
 
 def train(cfg, rt: Runtime) -> dict:
+    """Train to the configured number of epochs (resuming if there is a checkpoint); return the last epoch's record."""
+    stop = StopRequest(cfg.run_dir / "STOP")
+    previous = stop.install()
+    try:
+        return _train(cfg, rt, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
     env = rt.env
     main = env.is_main
     run_dir = cfg.run_dir
     say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     faults = Faults.from_env(env.rank, env.restart_count)
-    stop = StopRequest(run_dir / "STOP")
-    stop.install()
 
     # Data and model first: most user mistakes surface here, before anything is written.
     data: DataBundle = build_data(cfg)

@@ -162,3 +162,38 @@ def test_doctor_under_torchrun_gathers_every_rank():
     p = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "launch", "doctor"], timeout=90)
     assert p.returncode == 0, output(p)
     assert "rank 0:" in p.stdout and "rank 1:" in p.stdout
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    # Agreement only at the epoch end, and a long epoch: the first Ctrl-C is still pending when the second comes.
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=400000", "train.check_every_steps=100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    assert proc.poll() is None, "the first Ctrl-C only sets a flag"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert time.monotonic() - t0 < 2
+
+
+def test_single_process_calls_no_collectives(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from launch import config, dist as dist_mod
+    from launch.loop import train
+
+    def forbidden(*a, **k):
+        raise AssertionError("single-process mode must not call torch.distributed")
+
+    for name in ("init_process_group", "all_reduce", "barrier", "broadcast", "new_group", "all_gather", "destroy_process_group"):
+        monkeypatch.setattr(dist, name, forbidden)
+    cfg = config.load(None, [*SMALL, f"run.dir={tmp_path}", "train.epochs=1", "train.check_every_steps=1", "ckpt.every_steps=5"])
+    rt = dist_mod.setup(cfg, dist_mod.DistEnv("plain"))
+    result = train(cfg, rt)
+    dist_mod.teardown(rt)
+    assert result["step"] == 24 and (tmp_path / "model.pt").exists()
