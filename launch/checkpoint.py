@@ -148,13 +148,12 @@ def read_latest(ckdir: Path) -> Optional[str]:
     return name or None
 
 
-def load(path: Path) -> dict:
-    """Load one checkpoint on the CPU (map_location: rank r never touches cuda:0), or raise CheckpointError."""
-    path = Path(path)
+def _torch_load(path: Path):
+    """torch.load with weights_only=True on the CPU; every failure becomes one CheckpointError line."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
@@ -162,6 +161,12 @@ def load(path: Path) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {path}: unreadable (truncated or not a torch file: {first})") from None
+
+
+def load(path: Path) -> dict:
+    """Load one full checkpoint on the CPU (map_location: rank r never touches cuda:0), or raise CheckpointError."""
+    path = Path(path)
+    state = _torch_load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a launch checkpoint (no '{FORMAT}' format marker)")
     return state
@@ -170,14 +175,10 @@ def load(path: Path) -> dict:
 def load_weights(path: Path) -> tuple[dict, Optional[dict]]:
     """Weights from a full checkpoint or a bare state_dict (model.pt). Returns (state_dict, checkpoint or None)."""
     path = Path(path)
-    try:
-        ckpt = load(path)
-        return ckpt["model"], ckpt
-    except CheckpointError as e:
-        if "not a launch checkpoint" not in str(e):
-            raise
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = _torch_load(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return state["model"], state
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path}: neither a launch checkpoint nor a state_dict of tensors")
     return state, None
 

@@ -195,3 +195,27 @@ def test_readme_config_reference_is_current():
     readme = (config.Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- config-reference:start (regenerate: python -m launch.config) -->\n")[1].split("\n<!-- config-reference:end -->")[0]
     assert block == config.reference_markdown(), "README's config reference is stale: python -m launch.config"
+
+
+def _train_in_process(tmp_path, *overrides):
+    from launch import dist as dist_mod
+    from launch.loop import train
+
+    cfg = config.load(None, [f"run.dir={tmp_path}", "log.progress=false", *overrides])
+    rt = dist_mod.setup(cfg, dist_mod.DistEnv("plain"))
+    return train(cfg, rt)
+
+
+def test_user_model_and_dataset_by_import_path(tmp_path):
+    result = _train_in_process(
+        tmp_path, "model.name=tests.user_code:TinyNet", "model.kwargs={width: 16}", "data.name=tests.user_code:Blobs",
+        "data.batch_size=8", "train.epochs=3", "data.num_workers=1",
+    )
+    assert result["eval_samples"] == 96 and result["eval_accuracy"] > 0.6
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["body.0.weight"].shape == (16, 6)
+
+
+def test_toy_config_runs(tmp_path):
+    result = _train_in_process(tmp_path / "toy", "data.name=toy", "model.hidden=[8,8]", "data.batch_size=1", "train.epochs=30")
+    assert result["eval_samples"] == 2 and result["step"] == 150
