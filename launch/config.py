@@ -136,7 +136,7 @@ class CkptConfig:
     keep_last: int = 3
     """Keep this many newest checkpoints (>= 1)."""
     resume: str = "auto"
-    """'auto' (latest valid checkpoint in the run directory, if any), 'never' (start fresh; old checkpoints are moved aside, never deleted) or a checkpoint path."""
+    """'auto' (latest valid checkpoint in the run directory, if any), 'never' (start fresh; old checkpoints are moved aside, never deleted) or a checkpoint path to start from (used only while the run directory has no checkpoint of its own, so restarts continue)."""
     barrier_timeout_s: float = 600.0
     """How long other ranks wait for rank 0 to write a checkpoint."""
 

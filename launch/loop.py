@@ -200,12 +200,14 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
     # Resume: every rank reads the same files (read-only) and reaches the same decision.
     pos = Position()
     resumed_from = None
-    if cfg.ckpt.resume == "auto":
+    if cfg.ckpt.resume != "never":
         found = checkpoint.find_resumable(run_dir, say)
         if found:
             resumed_from, ckpt = found
-    elif cfg.ckpt.resume != "never":
-        resumed_from, ckpt = Path(cfg.ckpt.resume), checkpoint.load(Path(cfg.ckpt.resume))
+            if cfg.ckpt.resume != "auto":  # a restart of a run that began from a given checkpoint
+                say(f"note: {run_dir} has its own checkpoints; resuming from them, not from ckpt.resume={cfg.ckpt.resume}")
+        elif cfg.ckpt.resume != "auto":
+            resumed_from, ckpt = Path(cfg.ckpt.resume), checkpoint.load(Path(cfg.ckpt.resume))
     if resumed_from is not None:
         try:
             model.load_state_dict(clean_state_dict(ckpt["model"]))
