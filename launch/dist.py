@@ -227,6 +227,16 @@ def describe(rt: Runtime) -> str:
     )
 
 
+def rank_table(rt: Runtime) -> list[str]:
+    """describe() of every rank, gathered (over the gloo side group, so no GPU memory is involved)."""
+    line = describe(rt)
+    if not (rt.env.distributed and rt.env.world_size > 1):
+        return [line]
+    lines = [None] * rt.env.world_size
+    dist.all_gather_object(lines, line, group=rt.save_group)
+    return lines
+
+
 def exit_hard(code: int) -> "NoReturn":  # noqa: F821
     """Leave without running collective teardown; the launcher reaps the peers."""
     sys.stdout.flush()

@@ -51,6 +51,8 @@ def _is_peer_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
+    if isinstance(exc, BrokenPipeError):  # our own stdout was closed, not a peer
+        return False
     text = str(exc)
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out waiting", "Socket Timeout"))
 

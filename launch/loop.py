@@ -23,7 +23,7 @@ from torch import nn
 
 from launch import checkpoint, config as config_mod
 from launch.data import DataBundle, Feeder, build as build_data, resume_offset, steps_per_epoch
-from launch.dist import Runtime, all_reduce_sum, describe, print0, save_barrier
+from launch.dist import Runtime, all_reduce_sum, print0, rank_table, save_barrier
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED, UserError
 from launch.faults import Faults
 from launch.logger import MetricsLog, epoch_line, progress_bar, read_metrics
@@ -239,7 +239,10 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
 
     metrics = MetricsLog(run_dir, main)
     metrics.truncate_after(pos.step if resumed_from is not None else -1)
-    say(describe(rt) + (f" | resumed from {resumed_from} (epoch {pos.epoch}, step {pos.step})" if resumed_from is not None else ""))
+    for line in rank_table(rt):  # every rank's launcher, host and device, printed by rank 0
+        say(line)
+    if resumed_from is not None:
+        say(f"resumed from {resumed_from} (epoch {pos.epoch}, step {pos.step})")
     if env.restart_count:
         say(f"torchrun restart {env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
 
