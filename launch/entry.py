@@ -185,6 +185,8 @@ def main_ddp(argv=None) -> None:
         if env.launcher != "plain":
             fail(f"--nproc starts its own processes; it cannot run under {env.launcher} (drop --nproc)")
         sys.exit(spawn(cfg, nproc))
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        print("note: no launcher variables found: training in one process (use torchrun, srun or --nproc N for DDP)", file=sys.stderr, flush=True)
     worker_main(cfg)
 
 
