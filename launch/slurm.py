@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.errors import UserError
+from launch.errors import UserError, fail
 
 SIGNALS = ("USR1", "USR2", "TERM", "INT")
 
@@ -236,7 +236,7 @@ def check(text: str) -> list[tuple[int, str]]:
             for k, v in _options(body).items():
                 sbatch[k] = (n, v)
     # Logical commands: join backslash continuations, remember where each starts.
-    commands, start, buf = [], 0, ""
+    commands, ends, start, buf = [], {}, 0, ""
     for n, line in enumerate(lines, 1):
         if not buf:
             start = n
@@ -244,7 +244,15 @@ def check(text: str) -> list[tuple[int, str]]:
         if not line.rstrip().endswith("\\"):
             if buf.strip() and not buf.lstrip().startswith("#"):
                 commands.append((start, buf))
+                ends[start] = n
             buf = ""
+
+    def at(start: int, pattern: str) -> int:
+        """The physical line of a (continued) command that holds `pattern`."""
+        for n in range(start, ends.get(start, start) + 1):
+            if re.search(pattern, lines[n - 1]):
+                return n
+        return start
 
     problems: list[tuple[int, str]] = []
 
@@ -268,7 +276,7 @@ def check(text: str) -> list[tuple[int, str]]:
         problems.append((1, "no srun or torchrun command found: is this a training batch script?"))
     for n, c in srun_cmds:
         if "--kill-on-bad-exit=1" not in c and not re.search(r"(^|\s)-K1?(\s|$)", c):
-            problems.append((n, "srun without --kill-on-bad-exit=1: one crashed task leaves the others waiting in a collective"))
+            problems.append((at(n, r"\bsrun\b"), "srun without --kill-on-bad-exit=1: one crashed task leaves the others waiting in a collective"))
     for n, c in torchrun_in_srun:
         opts = _options(c)
         if per_node is not None and per_node > 1:
@@ -276,21 +284,23 @@ def check(text: str) -> list[tuple[int, str]]:
         if "ntasks" in sbatch and num("ntasks") != nodes:
             problems.append((line_of("ntasks"), f"--ntasks={num('ntasks')} with torchrun inside srun on {nodes} node(s): one task per node"))
         if nodes > 1 and "standalone" in opts:
-            problems.append((n, f"torchrun --standalone on {nodes} nodes: each node would train alone; use --rdzv-backend=c10d --rdzv-endpoint=HEAD:PORT"))
+            problems.append((at(n, "--standalone"), f"torchrun --standalone on {nodes} nodes: each node would train alone; use --rdzv-backend=c10d --rdzv-endpoint=HEAD:PORT"))
         if nodes > 1 and "standalone" not in opts and not opts.get("rdzv-endpoint"):
             problems.append((n, "multi-node torchrun without --rdzv-endpoint=HEAD:PORT"))
     for n, c in torchrun_cmds:
         if _options(c).get("max-restarts", "0") != "0":
-            problems.append((n, "torchrun --max-restarts must be 0 inside SLURM: SLURM owns retries (requeue)"))
+            problems.append((at(n, "--max-restarts"), "torchrun --max-restarts must be 0 inside SLURM: SLURM owns retries (requeue)"))
         if gpus:
             m = re.search(r"--nproc[-_]per[-_]node[= ](\S+)", c)
             value = m.group(1).strip("\"'") if m else ""
             var = re.fullmatch(r"\$\{?(\w+)\}?", value)
+            where = at(n, "--nproc")
             if var:
                 assigned = re.search(rf"^{var.group(1)}=(\d+)", text, re.M)
-                value = assigned.group(1) if assigned else value
+                if assigned:  # point at the assignment: that is what to edit
+                    value, where = assigned.group(1), text[: assigned.start()].count("\n") + 1
             if value.isdigit() and int(value) != gpus:
-                problems.append((n, f"torchrun starts {value} workers per node but --gpus-per-node={gpus}"))
+                problems.append((where, f"torchrun starts {value} workers per node but --gpus-per-node={gpus}"))
     if srun_cmds and not torchrun_in_srun and gpus is not None and per_node != gpus:
         problems.append((line_of("ntasks-per-node"), f"srun mode: --ntasks-per-node={per_node} must equal --gpus-per-node={gpus} (one task per GPU)"))
     for n, c in commands:
@@ -336,6 +346,7 @@ def add_arguments(p) -> None:
         "  launch slurm --check job.sbatch"
     )
     p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    p.error = lambda message: fail(f"{message} (see launch slurm --help)")  # one line, exit 2, like every user mistake
     p.add_argument("--check", metavar="FILE", nargs="+", help="validate existing batch scripts instead of writing one (exit 1 on problems)")
     p.add_argument("--run-dir", action="store_true", help="print the run directory that --config and the overrides resolve to (used by the scripts)")
     p.add_argument("--mode", default="torchrun", choices=("torchrun", "srun"), help="torchrun: one agent per node starts the workers; srun: one task per GPU/process")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "shellcheck"]  # shellcheck: lints the templates
 NODES = ["lt-n1", "lt-n2"]
 HOSTS_MARK = "# launch-tests slurm nodes"
 BASE_PORT = 16900  # ctld, then one per slurmd; away from the 20000-39999 job-id ports
@@ -77,7 +77,7 @@ class Cluster:
     # ------------------------------------------------------------------ bring-up
 
     def install(self) -> None:
-        if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged", "shellcheck")):
             return
         cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -160,15 +160,18 @@ class Cluster:
 
     # ------------------------------------------------------------------ use
 
-    def client(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=dict(os.environ, **self.env), capture_output=True, text=True, timeout=30, **kw)
+    def client(self, cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=dict(env or os.environ, **self.env), capture_output=True, text=True, timeout=30, **kw)
 
     # ------------------------------------------------------------------ teardown
 
     def down(self) -> None:
         """Kill the daemons (jobs first, so no training process outlives the session)."""
-        if self.conf.exists() and shutil.which("scancel"):
-            subprocess.run(["scancel", "--user=root"], env=dict(os.environ, **self.env), capture_output=True, timeout=15)
+        if _alive_pidfile(self.dir / "slurmctld.pid"):  # a dead controller would make scancel retry for a minute
+            try:
+                self.client(["scancel", "--user=root"])
+            except subprocess.TimeoutExpired:
+                pass
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and _alive_pidfile(self.dir / "slurmctld.pid"):
                 q = self.client(["squeue", "-h", "-o", "%i"])
