@@ -144,7 +144,11 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["foreign", "truncated", "shape"])
-def test_bad_checkpoint_given_explicitly_is_one_line(reference, tmp_path, kind):
+def test_bad_checkpoint_given_explicitly_names_file_and_reason(reference, tmp_path, kind):
+    # In-process (the one-line/exit-2 path itself is covered by the pickle test above).
+    from launch import config, dist as dist_mod
+    from launch.loop import train
+
     src = reference / "single" / "checkpoints" / checkpoint.read_latest(reference / "single" / "checkpoints")
     bad = tmp_path / "bad.pt"
     if kind == "foreign":
@@ -152,15 +156,17 @@ def test_bad_checkpoint_given_explicitly_is_one_line(reference, tmp_path, kind):
         needle = "not a launch checkpoint"
     elif kind == "truncated":
         bad.write_bytes(src.read_bytes()[:500])
-        needle = "unreadable"
+        needle = "unreadable (truncated or not a torch file"
     else:
         bad.write_bytes(src.read_bytes())
-        needle = "does not fit this model"
+        needle = "does not fit this model (Error(s) in loading state_dict"
     extra = ["model.hidden=[8]"] if kind == "shape" else []
-    p = single(tmp_path / "run", f"ckpt.resume={bad}", *extra, timeout=60)
-    assert p.returncode == 2, output(p)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and str(bad) in lines[0], output(p)
+    cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'run'}", f"ckpt.resume={bad}", *extra])
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train(cfg, dist_mod.setup(cfg, dist_mod.DistEnv("plain")))
+    message = str(err.value)
+    assert "\n" not in message and needle in message and str(bad) in message
+    assert bad.stat().st_size > 0 and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(tmp_path):
