@@ -141,7 +141,7 @@ def to_floats(rows, cols: list[int], names: list[str], path: str) -> torch.Tenso
                     ok = False
                 if not ok:
                     raise UserError(f"{path} line {line}, column '{names[c]}': feature value {r[c]!r} is not a finite number")
-    return x.float()
+    return x  # float64: standardisation statistics come from the exact values; apply_transform casts
 
 
 def csv_features(path: str, header: bool, target: str, ignore=(), feature_columns: Optional[list[str]] = None):
