@@ -71,6 +71,22 @@ class DataConfig:
     """DataLoader workers for datasets that are not in-memory tensors (in-memory data is sliced on the device)."""
     pin_memory: str = "auto"
     """'auto' (on with CUDA), 'true' or 'false'; DataLoader path only."""
+    target: str = ""
+    """csv: the label column, by name (with data.header) or 0-based index (without); empty: the last column. Integer or string labels; their names are saved with the run."""
+    header: bool = True
+    """csv: the first line names the columns. false: no header, columns are addressed by index."""
+    ignore: list[str] = field(default_factory=list)
+    """csv: columns to leave out of the features (e.g. an id column), by name or index like data.target."""
+    val_fraction: float = 0.2
+    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty."""
+    val_path: str = ""
+    """csv, npz: a separate evaluation file (same columns/keys as data.path); then all of data.path trains."""
+    x_key: str = "x"
+    """npz: name of the feature array (first axis = samples)."""
+    y_key: str = "y"
+    """npz: name of the label array (integers or strings, one per sample)."""
+    standardize: bool = True
+    """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
 
 
 @dataclass
@@ -367,6 +383,15 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.classes: must be >= 2, got {d.classes}")
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _choice("data.pin_memory", d.pin_memory, ("auto", "true", "false"))
+    if d.name in ("csv", "npz", "mnist") and not d.path:
+        raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")
+    if d.name in ("csv", "npz") and d.val_fraction == 0 and not d.val_path:
+        raise UserError(f"data.val_fraction: 0 leaves no evaluation set; give data.val_path or a fraction > 0")
+    for key in ("x_key", "y_key"):
+        if not getattr(d, key):
+            raise UserError(f"data.{key}: must not be empty")
     _positive("train.epochs", t.epochs)
     _positive("train.lr", t.lr)
     _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))

@@ -99,6 +99,14 @@ def build(cfg) -> DataBundle:
         return toy()
     if name == "synthetic":
         return synthetic(cfg.data)
+    if name in ("csv", "npz"):
+        from launch import tabular  # file datasets live in their own modules, imported when used
+
+        return tabular.build_csv(cfg) if name == "csv" else tabular.build_npz(cfg)
+    if name == "mnist":
+        from launch import mnist
+
+        return mnist.build(cfg)
     if ":" in name:
         return from_import_path(cfg)
     raise UserError(f"data.name={name}: this dataset is not available in this build")

@@ -26,8 +26,9 @@ from launch.data import DataBundle, Feeder, build as build_data, resume_offset, 
 from launch.dist import Runtime, all_reduce_sum, print0, rank_table, save_barrier
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED, UserError
 from launch.faults import Faults
-from launch.logger import MetricsLog, epoch_line, progress_bar, read_metrics
+from launch.logger import MetricsLog, epoch_line, progress_bar, read_metrics, tensorboard_writer_class
 from launch.model import build_model, clean_state_dict, unwrap
+from launch.resources import GradNormProbe, ResourceMeter
 
 
 class Stopped(Exception):
@@ -189,6 +190,8 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         )
     if len(data.eval) == 0:
         raise UserError("the evaluation set is empty")
+    if cfg.log.tensorboard:
+        tensorboard_writer_class()  # on every rank: a missing package stops them all alike
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -237,7 +240,7 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         checkpoint.clean_temporaries(run_dir)
     save_barrier(rt)  # nobody reads the run directory while rank 0 rearranges it
 
-    metrics = MetricsLog(run_dir, main)
+    metrics = MetricsLog(run_dir, main, cfg.log.tensorboard, purge_step=pos.step + 1 if resumed_from is not None else 0)
     metrics.truncate_after(pos.step if resumed_from is not None else -1)
     for line in rank_table(rt):  # every rank's launcher, host and device, printed by rank 0
         say(line)
@@ -262,6 +265,11 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
 
     train_feed = Feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
     eval_feed = Feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
+    resources = ResourceMeter(rt)
+    grad_probe = None
+    if cfg.log.tensorboard and main:  # the norm at each epoch's last optimizer step, for TensorBoard
+        first_end = pos.step + steps_per_epoch(len(data.train) - pos.samples_in_epoch, cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
+        grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: pos.step, first_end)
 
     def state(samples_in_epoch: int, loss_sum: float, loss_count: int) -> dict:
         return {
@@ -395,7 +403,10 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
             "elapsed_s": time.perf_counter() - t_start,
             "lr": scheduler.get_last_lr()[0],
             "world_size": env.world_size,
+            **resources.figures(),
         }
+        if grad_probe is not None:
+            result["grad_norm"] = grad_probe.take(pos.step + per_epoch)
         metrics.write(result)
         say(epoch_line(result))
         pos.epoch, pos.samples_in_epoch = epoch + 1, 0
@@ -406,6 +417,7 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         if wants_stop and not is_last:
             _finish_stop(stop, rt, pos, run_dir, False)
 
+    metrics.close()
     if not result:  # resumed a finished run
         say(f"nothing to do: the run in {run_dir} is already complete at step {pos.step} (ckpt.resume=never starts fresh)")
         done = read_metrics(run_dir)

@@ -1,0 +1,146 @@
+"""`launch predict`: batched inference, or eval-only, from a checkpoint or final weights.
+
+SOURCE is a run directory (its newest committed checkpoint, else model.pt + config.yaml), a
+checkpoint file, or a bare model.pt (its run's config.yaml, or --config). Inputs are the run's
+own dataset (--split) or a CSV/NPZ file of raw features (--input): the transform and class names
+saved in the checkpoint's data_state turn raw features into model inputs and indices back into
+the original labels. Evaluation reuses launch.loop.evaluate on a launch.data.Feeder, the same
+code that produced the training run's eval metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from launch import checkpoint, config as config_mod
+from launch.data import Feeder, Split, build as build_data
+from launch.dist import DistEnv, Runtime, resolve_device
+from launch.errors import UserError
+from launch.loop import autocast_context, evaluate
+from launch.model import build_model, clean_state_dict
+from launch.tabular import apply_transform, csv_features, encode, npz_arrays
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run directory, a checkpoint file, or model.pt")
+    p.add_argument("--input", "-i", help="CSV or NPZ file of raw features (a label column/array, if present, enables --eval)")
+    p.add_argument("--split", choices=("eval", "train"), default="eval", help="without --input: which split of the run's dataset (default eval)")
+    p.add_argument("--output", "-o", help="predictions CSV to write (default predictions.csv; with --eval only if given)")
+    p.add_argument("--eval", action="store_true", help="eval-only: print loss and accuracy as JSON instead of writing predictions")
+    p.add_argument("--config", help="config.yaml for bare weights outside their run directory")
+    p.add_argument("--data-path", help="override data.path of the saved config (the dataset moved)")
+    p.add_argument("--batch-size", type=int, default=0, help="inference batch size (default: the run's data.eval_batch_size)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps", "auto"), help="default cpu")
+
+
+def load_source(source: str, config_path=None):
+    """(state_dict, config, data_state or None, the file the weights came from)."""
+    p = Path(source)
+    if p.is_dir():
+        latest = checkpoint.read_latest(checkpoint.checkpoint_dir(p))
+        if latest and (checkpoint.checkpoint_dir(p) / latest).is_file():
+            p = checkpoint.checkpoint_dir(p) / latest
+        elif (p / "model.pt").is_file():
+            p = p / "model.pt"
+        else:
+            raise UserError(f"{source}: no checkpoints/latest and no model.pt (not a finished run directory?)")
+    elif not p.is_file():
+        raise UserError(f"{source}: no such file or run directory")
+    try:
+        weights, ckpt = checkpoint.load_weights(p)
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as e:  # torch.load's unpickler can fail in other ways on arbitrary bytes (e.g. IndexError)
+        raise checkpoint.CheckpointError(f"checkpoint {p}: unreadable (not a torch file: {type(e).__name__})") from None
+    if ckpt is not None and config_path is None:
+        if not isinstance(ckpt.get("config"), dict):
+            raise checkpoint.CheckpointError(f"checkpoint {p}: holds no saved config")
+        return weights, config_mod.from_dict(ckpt["config"]), ckpt.get("data_state"), p
+    cfg_file = Path(config_path) if config_path else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{p}: bare weights need their run's config.yaml (not found at {cfg_file}; pass --config)")
+    return weights, config_mod.from_dict(config_mod.read_yaml(str(cfg_file))), (ckpt or {}).get("data_state"), p
+
+
+def read_input(path: str, state: dict, in_features: int):
+    """Raw features (and labels, if the file has them) -> (model inputs, labels or None)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
+        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False)
+    elif suffix == ".csv":
+        if state.get("kind") == "csv":
+            x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"])
+        else:  # other datasets have no column names: a header-less file of the features, optionally + a last label column
+            x, labels, _, _ = csv_features(path, False, "", (), [str(i) for i in range(in_features)])
+    else:
+        raise UserError(f"--input {path}: expected a .csv or .npz file")
+    x = apply_transform(x, state)
+    if x[0].numel() != in_features:
+        raise UserError(f"--input {path}: {x[0].numel()} features per sample, the model expects {in_features}")
+    return x, labels
+
+
+@torch.no_grad()
+def probabilities(model, feeder: Feeder, cfg, device) -> torch.Tensor:
+    model.eval()
+    out = []
+    for x, _ in feeder.eval_batches():  # in input order: one rank evaluates 0, 1, 2, ...
+        with autocast_context(cfg, device):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def write_predictions(path: str, probs: torch.Tensor, names: list[str], labels) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "prediction", *[f"prob_{n}" for n in names], *(["label"] if labels is not None else [])])
+        for i, (row, k) in enumerate(zip(probs.tolist(), probs.argmax(dim=1).tolist())):
+            w.writerow([i, names[k], *[f"{p:.6g}" for p in row], *([labels[i]] if labels is not None else [])])
+
+
+def run(args) -> int:
+    weights, cfg, state, origin = load_source(args.source, args.config)
+    if args.data_path:
+        cfg.data.path = args.data_path
+    device = resolve_device(args.device, DistEnv("plain"))
+    bundle = None
+    if not args.input or state is None:  # the run's own data: also rebuilds the state bare weights lack
+        bundle = build_data(cfg)
+        state = state if state is not None else bundle.state
+    mats = [v for v in weights.values() if v.ndim == 2]
+    in_features = bundle.in_features if bundle else (cfg.model.in_features or (mats[0].shape[1] if mats else 0))
+    num_classes = bundle.num_classes if bundle else len(state.get("class_names") or []) or cfg.model.out_features or mats[-1].shape[0]
+    names = list(state.get("class_names") or [str(i) for i in range(num_classes)])
+    model = build_model(cfg, in_features, num_classes).to(device)
+    try:
+        model.load_state_dict(clean_state_dict(weights))
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit the model of its config ({' '.join(str(e).split())[:200]})") from None
+
+    if args.input:
+        x, raw_labels = read_input(args.input, state, in_features)
+        y = encode(raw_labels, names, args.input) if raw_labels is not None else torch.zeros(len(x), dtype=torch.long)
+        split, where = Split(x, y), args.input
+    else:
+        split, where = (bundle.eval if args.split == "eval" else bundle.train), f"{args.split} split of data.name={cfg.data.name}"
+        raw_labels = None
+    feeder = Feeder(split, cfg, device, 0, 1, args.batch_size or cfg.data.eval_batch_size)
+    if args.eval:
+        if args.input and raw_labels is None:
+            raise UserError(f"--eval: {args.input} has no label column/array to compare with")
+        loss, acc, n = evaluate(model, feeder, Runtime(DistEnv("plain"), device, None), cfg)
+        print(json.dumps({"loss": loss, "accuracy": acc, "samples": n, "data": where, "weights": str(origin)}))
+        if not args.output:
+            return 0
+    probs = probabilities(model, feeder, cfg, device)
+    labels = raw_labels if raw_labels is not None else ([names[i] for i in split.y.tolist()] if not args.input and split.y is not None else None)
+    out = args.output or "predictions.csv"
+    write_predictions(out, probs, names, labels)
+    print(f"wrote {len(probs)} predictions ({where}) to {out}")
+    return 0
