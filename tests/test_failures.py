@@ -115,6 +115,8 @@ def test_two_spawn_runs_at_once_do_not_collide(tmp_path):
 def _bad_inputs(tmp):
     bad_yaml = tmp / "bad.yaml"
     bad_yaml.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\n")
+    garbage = tmp / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 10)
     return [
         ("unknown key", [PY, "train_single.py", "data.batch_szie=8"], {}, "did you mean 'data.batch_size'"),
         ("wrong type", [PY, "train_single.py", "train.epochs=two"], {}, "train.epochs: expected an integer, got 'two'"),
@@ -128,10 +130,12 @@ def _bad_inputs(tmp):
         ("nproc < 1", [PY, "train_ddp.py", "--nproc", "0"], {}, "--nproc must be >= 1"),
         ("world size vs slurm", [PY, "train_ddp.py"], {"WORLD_SIZE": "4", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "WORLD_SIZE=4 disagrees with SLURM_NTASKS=2"),
         ("missing import", [PY, "train_single.py", "model.name=nosuch.module:Net"], {}, "cannot import module 'nosuch.module'"),
+        ("missing data file", [PY, "train_single.py", "data.name=csv", f"data.path={tmp / 'nope.csv'}", "data.target=y"], {}, f"csv file not found: {tmp / 'nope.csv'}"),
+        ("garbage checkpoint", [PY, "train_single.py", f"ckpt.resume={garbage}"], {}, f"checkpoint {garbage}: unreadable"),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(14))
 def test_bad_input_one_line_exit_2_fast(tmp_path, case):
     name, cmd, extra_env, needle = _bad_inputs(tmp_path)[case]
     p = run([*cmd, f"run.dir={tmp_path / 'run'}", "log.progress=false"], timeout=30, **extra_env)
