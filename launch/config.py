@@ -236,8 +236,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. ckpt.resume=0001.pt parsed as a number
+        if isinstance(value, bool):
+            return "true" if value else "false"  # YAML reads `log.progress=false` as a bool
+        if isinstance(value, (int, float)):
+            return str(value)  # e.g. run.name=2024 parsed as a number
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
