@@ -286,7 +286,7 @@ def train(cfg, rt: Runtime) -> dict:
             "rng": checkpoint.rng_state(),
             "config": cfg.to_dict(),
             "data_state": data.state,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def save_checkpoint(samples_in_epoch: int, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> None:
