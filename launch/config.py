@@ -123,6 +123,8 @@ class TrainConfig:
     """'cosine' schedule: final LR as a fraction of train.lr."""
     compile: bool = False
     """Wrap the model in torch.compile (checkpoints stay prefix-free)."""
+    compile_mode: str = "default"
+    """torch.compile mode when train.compile is on: 'default', 'reduce-overhead' (CUDA graphs: for small models where kernel-launch overhead dominates; single process) or 'max-autotune'."""
     check_every_steps: int = 10
     """Every this many optimizer steps the ranks agree on stop requests and non-finite losses (one tiny all-reduce)."""
 
@@ -400,6 +402,7 @@ def validate(cfg: Config) -> None:
     _choice("train.device", t.device, ("auto", "cpu", "cuda", "mps"))
     _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
     _positive("train.accum_steps", t.accum_steps)
+    _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune"))
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _choice("train.schedule", t.schedule, ("constant", "step", "cosine"))
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)

@@ -80,9 +80,14 @@ class StopRequest:
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     t = cfg.train
+    params = list(params)
+    # On CUDA the fused kernels update every tensor in one launch (fewer launches per step
+    # for small models); elsewhere torch's default implementation, so CPU results stay bitwise
+    # comparable with a hand-written loop.
+    fused = True if params and all(p.is_cuda for p in params) else None
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
 
 
 def lr_factor(cfg, total_steps: int):
@@ -130,6 +135,24 @@ def evaluate(model: nn.Module, feeder: Feeder, rt: Runtime, cfg) -> tuple[float,
     if count == 0:
         return float("nan"), float("nan"), 0
     return loss_sum / count, correct / count, int(count)
+
+
+def fold_losses(loss_sum: torch.Tensor, pending: list, sizes: list) -> int:
+    """Add the pending micro-batch mean losses, each times its sample count, to the float64 sum
+    in place; return the number of samples added. The step only appends a detached loss (no
+    tensor op, no sync); folding happens at agreement points and epoch ends, the same steps in
+    an uninterrupted and a resumed run, so the sum is reproducible bit for bit."""
+    if not pending:
+        return 0
+    losses = torch.stack(pending)
+    if min(sizes) == max(sizes):  # the usual case, in three tensor ops
+        loss_sum.add_(losses.sum(dtype=torch.float64), alpha=sizes[0])
+    else:  # an epoch's short last batch
+        loss_sum += (losses.double() * torch.tensor(sizes, dtype=torch.float64).to(loss_sum.device)).sum()
+    added = sum(sizes)
+    pending.clear()
+    sizes.clear()
+    return added
 
 
 @dataclass
@@ -261,7 +284,8 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
             find_unused_parameters=d.find_unused_parameters,
         )
     if cfg.train.compile:
-        model = torch.compile(model)
+        # mode="reduce-overhead" records CUDA graphs: worth it for small models whose steps are launch-bound.
+        model = torch.compile(model, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
 
     train_feed = Feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
     eval_feed = Feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
@@ -303,13 +327,27 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         save_barrier(rt)
 
     def agree(loss_sum: torch.Tensor) -> tuple[bool, bool]:
-        """All ranks learn whether anyone wants to stop and whether anyone's loss went non-finite."""
-        flags = torch.tensor([float(stop.requested()), float(not bool(torch.isfinite(loss_sum)))], device=rt.device)
+        """All ranks learn whether anyone wants to stop and whether anyone's loss went non-finite.
+        Flags are built on the device and read back once (one host sync). Alone, there is nobody
+        to agree with: one read of the sum is the whole check."""
+        if env.world_size == 1:
+            return stop.requested(), not math.isfinite(loss_sum.item())
+        flags = torch.stack([loss_sum.new_full((), float(stop.requested())), (~torch.isfinite(loss_sum)).to(loss_sum.dtype)])
         all_reduce_sum(flags, rt)
-        return flags[0].item() > 0, flags[1].item() > 0
+        wants_stop, nonfinite = flags.tolist()
+        return wants_stop > 0, nonfinite > 0
 
+    # Hoisted out of the step: the hot path should cost what a hand-written loop costs.
     accum = cfg.train.accum_steps
+    batch = cfg.data.batch_size
     ddp = env.distributed
+    clip = cfg.train.grad_clip
+    clip_params = [p for p in bare.parameters() if p.requires_grad]
+    # A constant schedule without warmup has factor 1 forever: LambdaLR.step() would only cost time.
+    step_lr = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
+    amp = contextlib.nullcontext() if cfg.train.precision == "fp32" else None
+    pending: list[torch.Tensor] = []  # detached micro-batch losses not yet folded into loss_sum
+    sizes: list[int] = []
     t_start = time.perf_counter()
     result: dict = {}
     model.train()
@@ -318,67 +356,75 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         start = pos.samples_in_epoch
         loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
         loss_sum += pos.epoch_loss_sum
-        loss_count = torch.zeros((), dtype=torch.float64, device=rt.device)
-        loss_count += pos.epoch_loss_count
+        count = pos.epoch_loss_count  # samples in loss_sum; a host int, it needs no device op per step
         pos.epoch_loss_sum, pos.epoch_loss_count = 0.0, 0
-        n_micro = math.ceil(math.ceil((len(data.train) - start) / env.world_size) / cfg.data.batch_size)
+        rank_samples = math.ceil((len(data.train) - start) / env.world_size)  # equal on every rank (padded order)
+        n_micro = math.ceil(rank_samples / batch)
         bar = progress_bar(math.ceil(n_micro / accum), f"epoch {epoch}", cfg.log.progress, main)
         t_epoch = time.perf_counter()
         samples_seen = 0
         micro = 0
+        group_end = 0
+        group_samples = 0
         poison = False
         save_at_end = False
         for x, y in train_feed.train_epoch(cfg.train.seed, epoch, start):
-            group_start = micro - micro % accum
-            group_size = min(accum, n_micro - group_start)
-            last_micro = micro - group_start == group_size - 1
-            if micro == group_start:
+            n = y.shape[0]
+            if micro == group_end:  # first micro-batch of an optimizer step
+                group_end = min(micro + accum, n_micro)
+                group_samples = min(accum * batch, rank_samples - micro * batch)
                 poison = faults.before_step(pos.step + 1)
-            sync = contextlib.nullcontext() if (last_micro or not ddp) else model.no_sync()
-            with sync:
-                with autocast_context(cfg, rt.device):
+            micro += 1
+            last_micro = micro == group_end
+            with contextlib.nullcontext() if (last_micro or not ddp) else model.no_sync():
+                with amp or autocast_context(cfg, rt.device):
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits.float(), y)  # float32 loss under autocast too (no-op in fp32)
                 if poison:
                     loss = loss * float("nan")
-                scaled = loss / group_size if group_size > 1 else loss
+                # Weight each micro-batch by its share of the step's samples: the summed gradient is then
+                # exactly the mean over one big batch, short epoch-tail micro-batches included.
+                scaled = loss * (n / group_samples) if n != group_samples else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().double() * y.shape[0]
-            loss_count += y.shape[0]
-            samples_seen += y.shape[0]
-            micro += 1
+            pending.append(loss.detach())
+            sizes.append(n)
+            samples_seen += n
             if not last_micro:
                 continue
             if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if clip > 0:
+                nn.utils.clip_grad_norm_(clip_params, clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            if step_lr:
+                scheduler.step()
             pos.step += 1
             if bar is not None:
                 bar.update(1)
-            consumed = start + micro * cfg.data.batch_size * env.world_size
+            consumed = start + micro * batch * env.world_size
             if faults.stop_after(pos.step):
                 stop.signum = stop.signum or signal.SIGTERM
             due = bool(cfg.ckpt.every_steps) and pos.step % cfg.ckpt.every_steps == 0
             if micro == n_micro:  # the epoch's last step: the epoch end agrees, saves and stops
                 save_at_end |= due
             elif due or pos.step % cfg.train.check_every_steps == 0:
+                count += fold_losses(loss_sum, pending, sizes)
                 wants_stop, nonfinite = agree(loss_sum)
                 if nonfinite:
                     raise Stopped(nonfinite_message(cfg, pos.step, epoch), EXIT_NONFINITE)
                 if wants_stop or due:
-                    save_checkpoint(consumed, loss_sum, loss_count)
+                    save_checkpoint(consumed, loss_sum, torch.tensor(float(count), dtype=torch.float64, device=rt.device))
                 if wants_stop:
                     _finish_stop(stop, rt, pos, run_dir, True)
             if cfg.log.every_steps and pos.step % cfg.log.every_steps == 0:
                 metrics.write({"epoch": epoch, "step": pos.step, "train_loss_step": float(loss.detach()), "lr": scheduler.get_last_lr()[0]})
+        count += fold_losses(loss_sum, pending, sizes)
+        loss_count = torch.tensor(float(count), dtype=torch.float64, device=rt.device)
         if bar is not None:
             bar.close()
 

@@ -1,0 +1,61 @@
+"""`launch bench`: a smoke run of --quick (a run, not a timing assertion) and its pure pieces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from launch.bench import crossover, markdown, mlp_params, plot
+
+from helpers import PY, output, run
+
+
+def test_mlp_params_match_the_seeds_sizes():
+    assert mlp_params(1) == 90_902 and mlp_params(100) == 900_090_002
+
+
+def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
+    p = run([PY, "-m", "launch", "bench", "--quick", "--out", str(tmp_path)], timeout=170)
+    assert p.returncode == 0, output(p)
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["scale"] for r in res["sweep"]] == [1, 2] and all(r["wall_s"]["n"] == 2 for r in res["sweep"])
+    over = res["overhead"][0]
+    assert set(over["loops"]) >= {"launch", "bare", "seed_dataloader"}
+    # Our loop and the bare loop must do the very same computation, or the ratio means nothing.
+    assert over["launch_equals_bare_weights"] is True
+    kinds = {("ddp_world_1" in d, "world_2_gloo" in d) for d in res["ddp"]}
+    assert kinds == {(True, False), (False, True)}
+    assert res["big_batch"][0]["tflops"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| 1 | cpu | launch |" in md and "x bare loop" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def _rows(cpu: dict, acc: dict) -> list[dict]:
+    rows = [{"device": "cpu", "scale": s, "params": mlp_params(s), "wall_s": {"median": t, "min": t, "max": t, "n": 1}} for s, t in cpu.items()]
+    return rows + [{"device": "cuda", "scale": s, "params": mlp_params(s), "wall_s": {"median": t, "min": t, "max": t, "n": 1}} for s, t in acc.items()]
+
+
+def test_crossover_interpolates_between_the_sizes_where_the_order_flips():
+    c = crossover(_rows({1: 1.0, 5: 8.0, 10: 40.0}, {1: 4.0, 5: 6.0, 10: 7.0}), "cuda")
+    assert mlp_params(1) < c["params"] < mlp_params(5)
+    assert crossover(_rows({1: 1.0}, {1: 0.5}), "cuda")["params"] is None
+    assert "still faster" in crossover(_rows({1: 1.0, 5: 2.0}, {1: 3.0, 5: 4.0}), "cuda")["note"]
+
+
+def test_markdown_and_plot_from_a_result(tmp_path):
+    res = {
+        "environment": {"date": "d", "cpu": "c", "threads": 2, "torch": "t", "gpu": None},
+        "config": {"epochs": 10},
+        "sweep": _rows({1: 1.0}, {}) + [{"scale": 100, "params": mlp_params(100), "device": "cpu", "skipped": "budget"}],
+    }
+    for r in res["sweep"][:1]:
+        r.update(samples_per_s=1e4, tflops=0.005, peak_fraction=None)
+    md = markdown(res)
+    assert "| 100 | 900,090,002 | cpu | | skipped: budget |" in md and "CPU 575.0 s, MPS 104.0 s" in md
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed")
+    assert plot(res, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
