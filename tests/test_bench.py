@@ -9,7 +9,7 @@ import pytest
 
 from launch.bench import crossover, markdown, mlp_params, plot
 
-from helpers import PY, output, run
+from tests.helpers import PY, output, run
 
 
 def test_mlp_params_match_the_seeds_sizes():

@@ -20,7 +20,7 @@ from launch.logger import read_metrics
 from launch.model import build_model
 from launch.loop import Stopped, lr_factor, train
 
-from helpers import SMALL, output, spawn
+from tests.helpers import SMALL, output, spawn
 
 # n_train=90 leaves short tails: batch 8 -> 11 full micro-batches and one of 2, so an accumulation
 # group of 4 holds 8+8+8+2 samples; batch 32 -> 32, 32, 26. Weighting by micro-batch count instead
