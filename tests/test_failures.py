@@ -15,6 +15,16 @@ from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, single, s
 BOUND_S = 30  # the whole job must be down this fast after a rank fails
 
 
+def start_training(args: list[str], run_dir) -> subprocess.Popen:
+    """Start a training command and return once it is training (its run directory has config.yaml)."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "config.yaml").exists():
+        time.sleep(0.1)
+    assert (run_dir / "config.yaml").exists(), f"training did not start (exit {proc.poll()})"
+    return proc
+
+
 @pytest.mark.parametrize("launcher,fault", [("torchrun", "raise"), ("spawn", "raise"), ("spawn", "kill")])
 def test_a_failing_rank_takes_the_job_down_fast(tmp_path, launcher, fault):
     # (kill -9 of a rank under torchrun is covered by the elastic-restart test in test_checkpoint.py)
@@ -35,11 +45,8 @@ def test_a_failing_rank_takes_the_job_down_fast(tmp_path, launcher, fault):
 def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
     args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train_ddp.py", *SMALL, f"run.dir={tmp_path}",
             "data.n_train=20000", "train.epochs=50", "train.check_every_steps=5"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_training(args, tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
-            time.sleep(0.1)
         time.sleep(1.5)  # well inside epoch 0 (625 steps per epoch per rank)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -60,10 +67,7 @@ def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
 
 def test_sigint_to_single_process_stops_with_exit_75(tmp_path):
     args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
-        time.sleep(0.1)
+    proc = start_training(args, tmp_path)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -75,10 +79,7 @@ def test_sigint_to_single_process_stops_with_exit_75(tmp_path):
 
 def test_stop_file_is_honoured_and_consumed(tmp_path):
     args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
-        time.sleep(0.1)
+    proc = start_training(args, tmp_path)
     (tmp_path / "STOP").touch()
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_STOPPED, err
@@ -171,10 +172,7 @@ def test_doctor_under_torchrun_gathers_every_rank():
 def test_second_ctrl_c_exits_at_once(tmp_path):
     # Agreement only at the epoch end, and a long epoch: the first Ctrl-C is still pending when the second comes.
     args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=400000", "train.check_every_steps=100000"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "config.yaml").exists():
-        time.sleep(0.1)
+    proc = start_training(args, tmp_path)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)
     assert proc.poll() is None, "the first Ctrl-C only sets a flag"
