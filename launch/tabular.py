@@ -174,6 +174,14 @@ def csv_features(path: str, header: bool, target: str, ignore=(), feature_column
     return x, labels, [names[c] for c in cols], (names[t] if t is not None else None)
 
 
+def train_eval(d, x, labels, val):
+    """(x_train, labels_train, x_eval, labels_eval): the separate validation file if given, else a seeded split."""
+    if val is not None:
+        return x, labels, *val
+    tr, ev = split_rows(len(x), d.val_fraction, d.seed)
+    return x[tr], [labels[i] for i in tr.tolist()], x[ev], [labels[i] for i in ev.tolist()]
+
+
 def build_csv(cfg) -> DataBundle:
     d = cfg.data
     x, labels, features, target = csv_features(d.path, d.header, d.target, d.ignore)
@@ -181,11 +189,7 @@ def build_csv(cfg) -> DataBundle:
         x_ev, lab_ev, _, _ = csv_features(d.val_path, d.header, target, d.ignore, features)
         if lab_ev is None:
             raise UserError(f"{d.val_path}: no label column '{target}' (data.val_path needs the same columns as data.path)")
-        x_tr, lab_tr = x, labels
-    else:
-        tr, ev = split_rows(len(x), d.val_fraction, d.seed)
-        x_tr, x_ev = x[tr], x[ev]
-        lab_tr, lab_ev = [labels[i] for i in tr.tolist()], [labels[i] for i in ev.tolist()]
+    x_tr, lab_tr, x_ev, lab_ev = train_eval(d, x, labels, (x_ev, lab_ev) if d.val_path else None)
     state = {"kind": "csv", "header": d.header, "feature_columns": features, "target": target, "ignore": list(d.ignore)}
     return _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state, d.path)
 
@@ -232,10 +236,6 @@ def build_npz(cfg) -> DataBundle:
         x_ev, lab_ev = npz_arrays(d.val_path, d.x_key, d.y_key)
         if x_ev.shape[1:] != x.shape[1:]:
             raise UserError(f"{d.val_path}: samples of shape {tuple(x_ev.shape[1:])}, but {d.path} has {tuple(x.shape[1:])}")
-        x_tr, lab_tr = x, labels
-    else:
-        tr, ev = split_rows(len(x), d.val_fraction, d.seed)
-        x_tr, x_ev = x[tr], x[ev]
-        lab_tr, lab_ev = [labels[i] for i in tr.tolist()], [labels[i] for i in ev.tolist()]
+    x_tr, lab_tr, x_ev, lab_ev = train_eval(d, x, labels, (x_ev, lab_ev) if d.val_path else None)
     state = {"kind": "npz", "x_key": d.x_key, "y_key": d.y_key, "sample_shape": list(x.shape[1:])}
     return _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state, d.path)
