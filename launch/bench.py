@@ -210,6 +210,7 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
     """Our loop on the seeds' workload at each scale. With a budget (the CPU), a scale whose
     predicted cost (time grows at most in proportion to the parameter count) would not fit is
     run with fewer repetitions, or skipped with the reason recorded."""
+    from launch.errors import EXIT_NONFINITE
     from launch.loop import Stopped
 
     rows, spent, last = [], 0.0, None
@@ -230,6 +231,8 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
         try:
             res = repeat({"ours": lambda o: ours(cfg_path, o, device, write_checkpoints=False)}, n_reps, ov, warm(cfg_path, scale))["ours"]
         except Stopped as e:  # a diverging workload is reported, not timed
+            if e.code != EXIT_NONFINITE:
+                raise
             rows.append({"scale": scale, "params": params, "device": device, "skipped": str(e)})
             say(f"  {device} scale {scale}: {e}")
             continue
@@ -454,6 +457,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from launch.loop import Stopped
+
+    try:
+        return _run(args)
+    except Stopped as e:  # Ctrl-C / SIGTERM reach the in-process training loop, which stops at its next agreement
+        print(f"bench interrupted: {e}", file=sys.stderr)
+        return e.code
+
+
+def _run(args) -> int:
     from launch.errors import UserError
 
     if not Path(args.config).is_file():
