@@ -365,7 +365,7 @@ def markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} torch threads), {env.get('gpu') or 'no accelerator'}; torch {env['torch']}.", ""]
     if res.get("sweep"):
-        lines += ["### The seeds' sweep (our loop; 1000 samples, batch 10, SGD lr 0.5, fp32)", "",
+        lines += ["### The seeds' sweep (our loop; 1000 samples, batch 10, SGD lr 0.5/scale, fp32)", "",
                   "| scale | parameters | device | epochs | wall s: median [min, max] | samples/s | TFLOP/s | of peak | seeds, M2 Max (10 epochs) |",
                   "|---:|---:|---|---:|---|---:|---:|---:|---|"]
         for r in res["sweep"]:
