@@ -404,33 +404,27 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> bool:
-    """Wall time vs parameters per device, with the seeds' points. matplotlib is an optional extra."""
-    try:
-        import matplotlib
+    """Wall time vs parameters per device (medians; min and max are in the table), with the seeds'
+    points, drawn by launch.plot's line_plot. matplotlib is an optional extra."""
+    from launch.errors import UserError
+    from launch.plot import line_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no plot (pip install 'launch-trainer[plot]' for matplotlib)", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
     for dev in sorted({r["device"] for r in res.get("sweep", [])}):
-        pts = [(r["params"], r["wall_s"]["median"], r["wall_s"]["min"], r["wall_s"]["max"]) for r in res["sweep"] if r["device"] == dev and "wall_s" in r]
+        pts = [(r["params"], r["wall_s"]["median"]) for r in res["sweep"] if r["device"] == dev and "wall_s" in r]
         if pts:
-            p, med, lo, hi = zip(*pts)
-            ax.errorbar(p, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]], marker="o", label=f"this machine: {dev} (launch loop)")
-    for dev, style in (("cpu", "s"), ("mps", "^")):
-        ax.plot([mlp_params(s) for s in SEEDS], [SEEDS[s][dev] for s in SEEDS], style + "--", color="grey", alpha=0.7, label=f"seeds, M2 Max: {dev.upper()}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MLP parameters")
-    ax.set_ylabel(f"seconds for {res['config']['epochs']} epochs of 1000 samples")
-    ax.set_title("The seeds' sweep: batch 10, SGD, fp32")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            series[f"this machine: {dev} (launch loop)"] = tuple(zip(*pts))
+    for dev, marker in (("cpu", "s"), ("mps", "^")):
+        seeds = ([mlp_params(s) for s in SEEDS], [SEEDS[s][dev] for s in SEEDS])
+        series[f"seeds, M2 Max: {dev.upper()}"] = (*seeds, {"marker": marker, "linestyle": "--", "color": "grey", "alpha": 0.7})
+    try:
+        line_plot(
+            series, path, title="The seeds' sweep: batch 10, SGD, fp32", xlabel="MLP parameters",
+            ylabel=f"seconds for {res['config']['epochs']} epochs of 1000 samples", logx=True, logy=True,
+        )
+    except UserError as e:
+        print(f"note: no plot ({e})", file=sys.stderr)
+        return False
     return True
 
 
