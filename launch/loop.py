@@ -314,9 +314,9 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
             "torch_version": str(torch.__version__),
         }
 
-    def save_checkpoint(samples_in_epoch: int, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> None:
+    def save_checkpoint(samples_in_epoch: int, loss_sum: torch.Tensor, loss_count: int) -> None:
         # The partial-epoch train loss is summed over ranks so a resume at any world size can finish the epoch mean.
-        totals = torch.stack([loss_sum.double(), loss_count.double()])
+        totals = torch.stack([loss_sum.double(), loss_sum.new_tensor(float(loss_count), dtype=torch.float64)])
         all_reduce_sum(totals, rt)
         if main:
             path = checkpoint.save(
@@ -418,13 +418,12 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
                 if nonfinite:
                     raise Stopped(nonfinite_message(cfg, pos.step, epoch), EXIT_NONFINITE)
                 if wants_stop or due:
-                    save_checkpoint(consumed, loss_sum, torch.tensor(float(count), dtype=torch.float64, device=rt.device))
+                    save_checkpoint(consumed, loss_sum, count)
                 if wants_stop:
                     _finish_stop(stop, rt, pos, run_dir, True)
             if cfg.log.every_steps and pos.step % cfg.log.every_steps == 0:
                 metrics.write({"epoch": epoch, "step": pos.step, "train_loss_step": float(loss.detach()), "lr": scheduler.get_last_lr()[0]})
         count += fold_losses(loss_sum, pending, sizes)
-        loss_count = torch.tensor(float(count), dtype=torch.float64, device=rt.device)
         if bar is not None:
             bar.close()
 
@@ -432,7 +431,7 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         wants_stop, nonfinite = agree(loss_sum)
         if nonfinite:
             raise Stopped(nonfinite_message(cfg, pos.step, epoch), EXIT_NONFINITE)
-        totals = torch.stack([loss_sum, loss_count])
+        totals = torch.stack([loss_sum, loss_sum.new_tensor(float(count))])
         all_reduce_sum(totals, rt)
         seen = torch.tensor([float(samples_seen)], device=rt.device)
         all_reduce_sum(seen, rt)
@@ -459,7 +458,7 @@ def _train(cfg, rt: Runtime, stop: StopRequest) -> dict:
         zero = torch.zeros((), dtype=torch.float64, device=rt.device)
         is_last = epoch + 1 == cfg.train.epochs
         if is_last or wants_stop or save_at_end or (cfg.ckpt.every_epochs and (epoch + 1) % cfg.ckpt.every_epochs == 0):
-            save_checkpoint(0, zero, zero)
+            save_checkpoint(0, zero, 0)
         if wants_stop and not is_last:
             _finish_stop(stop, rt, pos, run_dir, False)
 
