@@ -390,7 +390,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")
     if d.name in ("csv", "npz") and d.val_fraction == 0 and not d.val_path:
-        raise UserError(f"data.val_fraction: 0 leaves no evaluation set; give data.val_path or a fraction > 0")
+        raise UserError("data.val_fraction: 0 leaves no evaluation set; give data.val_path or a fraction > 0")
     for key in ("x_key", "y_key"):
         if not getattr(d, key):
             raise UserError(f"data.{key}: must not be empty")

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -237,7 +237,7 @@ def rank_table(rt: Runtime) -> list[str]:
     return lines
 
 
-def exit_hard(code: int) -> "NoReturn":  # noqa: F821
+def exit_hard(code: int) -> NoReturn:
     """Leave without running collective teardown; the launcher reaps the peers."""
     sys.stdout.flush()
     sys.stderr.flush()

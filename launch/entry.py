@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import traceback
+from typing import NoReturn
 
 from launch import config as config_mod
 from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
@@ -97,7 +98,7 @@ def run_worker(cfg) -> int:
         raise
 
 
-def worker_main(cfg) -> "NoReturn":  # noqa: F821
+def worker_main(cfg) -> NoReturn:
     """Process entry under every launcher. A crash is recorded for torchrun (@record: its summary
     then shows this traceback as the root cause), printed once otherwise, and the process leaves
     at once: no interpreter teardown that could block on a half-dead process group."""

@@ -6,6 +6,7 @@ up wastes minutes and hides the cause. Everything a user can get wrong raises
 """
 
 import sys
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected exception (the traceback is shown)
@@ -23,7 +24,7 @@ class UserError(Exception):
         self.code = code
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -10,7 +10,7 @@ import pytest
 
 from launch import checkpoint
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
-from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, single, spawn, torchrun
+from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun
 
 BOUND_S = 30  # the whole job must be down this fast after a rank fails
 
