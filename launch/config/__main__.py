@@ -1,0 +1,3 @@
+from launch.config.reference import reference_markdown
+
+print(reference_markdown())

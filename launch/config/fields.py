@@ -1,0 +1,186 @@
+"""The settings, as dataclasses with one docstring per field (the README's reference is generated from them).
+
+Precedence is CLI > YAML file > defaults; `launch.config.parse` reads and applies them and
+`launch.config.validate` checks every range and choice in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""
+    """Run directory (config.yaml, metrics.jsonl, checkpoints/, model.pt). Empty: runs/<name>."""
+    name: str = ""
+    """Run name, used for the default run directory. Empty: the config file's stem, else 'default'."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """'mlp' (the seeds' NeuralNetwork: Linear-ReLU-...-Linear, logits out) or an import path 'pkg.module:Class'."""
+    hidden: list[int] = field(default_factory=lambda: [300, 200])
+    """Hidden layer widths of the MLP (the seeds use 300*scale, 200*scale)."""
+    in_features: Optional[int] = None
+    """Input width. Empty: taken from the dataset."""
+    out_features: Optional[int] = None
+    """Number of logits. Empty: the dataset's number of classes; if set it must match it."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for an import-path model class."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', or an import path 'pkg.module:Class'."""
+    batch_size: int = 32
+    """Training batch size PER PROCESS. The global batch is batch_size x world_size (x train.accum_steps)."""
+    eval_batch_size: int = 256
+    """Evaluation batch size per process (does not change results)."""
+    n_train: int = 4096
+    """synthetic: number of training samples."""
+    n_eval: int = 1024
+    """synthetic: number of evaluation samples."""
+    features: int = 100
+    """synthetic: input features (the seeds use 100*scale)."""
+    classes: int = 2
+    """synthetic: number of classes."""
+    learnable: bool = True
+    """synthetic: labels from a fixed random teacher network (True) or uniformly random labels as in the seeds' benchmark (False)."""
+    seed: int = 1234
+    """Seed for generating or splitting the data (independent of train.seed, identical on every rank)."""
+    path: str = ""
+    """File or directory for file-based datasets (csv, npz, mnist)."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval')."""
+    num_workers: int = 0
+    """DataLoader workers for datasets that are not in-memory tensors (in-memory data is sliced on the device)."""
+    pin_memory: str = "auto"
+    """'auto' (on with CUDA), 'true' or 'false'; DataLoader path only."""
+    target: str = ""
+    """csv: the label column, by name (with data.header) or 0-based index (without); empty: the last column. Integer or string labels; their names are saved with the run."""
+    header: bool = True
+    """csv: the first line names the columns. false: no header, columns are addressed by index."""
+    ignore: list[str] = field(default_factory=list)
+    """csv: columns to leave out of the features (e.g. an id column), by name or index like data.target."""
+    val_fraction: float = 0.2
+    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty."""
+    val_path: str = ""
+    """csv, npz: a separate evaluation file (same columns/keys as data.path); then all of data.path trains."""
+    x_key: str = "x"
+    """npz: name of the feature array (first axis = samples)."""
+    y_key: str = "y"
+    """npz: name of the label array (integers or strings, one per sample)."""
+    standardize: bool = True
+    """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    """Number of passes over the training data."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    optimizer: str = "sgd"
+    """'sgd' or 'adamw'."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for AdamW)."""
+    seed: int = 0
+    """Seed for model initialisation and the per-epoch shuffle (the permutation is a pure function of seed and epoch)."""
+    device: str = "auto"
+    """'auto' (CUDA, then MPS for a single process, then CPU), 'cpu', 'cuda' or 'mps'."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (autocast; fp16 uses a GradScaler)."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches per optimizer step (DDP syncs only on the last)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    schedule: str = "constant"
+    """LR schedule per optimizer step: 'constant', 'step' or 'cosine' (all with train.warmup_steps of linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to train.lr."""
+    step_every: int = 1000
+    """'step' schedule: multiply the LR by train.gamma every this many optimizer steps."""
+    gamma: float = 0.1
+    """'step' schedule: decay factor."""
+    min_lr_ratio: float = 0.0
+    """'cosine' schedule: final LR as a fraction of train.lr."""
+    compile: bool = False
+    """Wrap the model in torch.compile (checkpoints stay prefix-free)."""
+    compile_mode: str = "default"
+    """torch.compile mode when train.compile is on: 'default', 'reduce-overhead' (CUDA graphs: for small models where kernel-launch overhead dominates; single process) or 'max-autotune'."""
+    check_every_steps: int = 10
+    """Every this many optimizer steps the ranks agree on stop requests and non-finite losses (one tiny all-reduce)."""
+    loss: str = "cross_entropy"
+    """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead."""
+    cuda_graphs: str = "auto"
+    """Capture the whole optimizer step in one CUDA graph and replay it: 'auto' (on for a single CUDA process with in-memory data and a launch-bound model, once the GPU lane has measured it), 'on' or 'off'."""
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
+    timeout_s: float = 30.0
+    """Seconds before a collective (and init_process_group) gives up, so a dead peer ends the job fast."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size."""
+    gradient_as_bucket_view: bool = True
+    """DDP: gradients alias the all-reduce buckets (saves a copy)."""
+    static_graph: bool = False
+    """DDP static_graph optimisation."""
+    find_unused_parameters: bool = False
+    """DDP: search for parameters without gradients each step (slow; only for models that need it)."""
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 0
+    """Save every this many optimizer steps (0: off)."""
+    every_epochs: int = 1
+    """Save at the end of every this many epochs (0: off). A final checkpoint is always written."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints (>= 1)."""
+    resume: str = "auto"
+    """'auto' (latest valid checkpoint in the run directory, if any), 'never' (start fresh; old checkpoints are moved aside, never deleted) or a checkpoint path to start from (used only while the run directory has no checkpoint of its own, so restarts continue)."""
+    barrier_timeout_s: float = 600.0
+    """How long other ranks wait for rank 0 to write a checkpoint."""
+
+
+@dataclass
+class LogConfig:
+    progress: str = "auto"
+    """tqdm progress bar on rank 0: 'auto' (when stderr is a terminal), 'true' or 'false'."""
+    every_steps: int = 0
+    """Also write a metrics.jsonl record every this many optimizer steps (0: per epoch only)."""
+    tensorboard: bool = False
+    """Write TensorBoard scalars to <run dir>/tb (needs the 'tensorboard' extra)."""
+    profile_steps: str = ""
+    """Profile optimizer steps START:END (1-based, END inclusive) with torch.profiler on every rank into <run dir>/profile/ (TensorBoard/Perfetto traces); empty: off."""
+    debug: bool = False
+    """Show full tracebacks for errors in user code (model.name, data.name, train.loss), not only the one-line summary."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)

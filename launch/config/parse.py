@@ -1,0 +1,192 @@
+"""Reading settings: the YAML file, `key=value` overrides, type checks; saving and comparing configs.
+
+Every problem is a `UserError` naming the key (or the file and line), raised before any process
+group or file exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from launch.config.fields import Config
+from launch.config.validate import validate
+from launch.errors import UserError
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise UserError(f"{self.name}: key '{key}' is given twice in one mapping (lines {seen[key]} and {line})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widen to float). Raise UserError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf parse as floats
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"  # YAML reads `log.progress=false` as a bool
+        if isinstance(value, (int, float)):
+            return str(value)  # e.g. run.name=2024 parsed as a number
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {tp} for {key}")
+
+
+def _unknown(key: str, valid: list[str]) -> UserError:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    return UserError(f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def _apply(cfg: Config, dotted: dict[str, Any]) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise _unknown(key, [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(sections[s].default_factory)])
+        section = getattr(cfg, parts[0])
+        hints = typing.get_type_hints(type(section))
+        if parts[1] not in hints:
+            raise _unknown(key, [f"{parts[0]}.{n}" for n in hints])
+        setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
+
+
+def _flatten(tree: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise UserError(f"{where}: expected a mapping of sections (run, model, data, train, dist, ckpt, log)")
+    flat = {}
+    for section, body in tree.items():
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: section '{section}' must be a mapping, got {body!r}")
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    loader = _StrictLoader(text)
+    loader.name = path
+    try:
+        tree = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"invalid YAML in {path}{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    return tree or {}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(config_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Build the config: defaults, then the YAML file, then `key=value` overrides; validate it."""
+    cfg = Config()
+    if config_path:
+        _apply(cfg, _flatten(read_yaml(config_path), config_path))
+    _apply(cfg, dict(parse_override(o) for o in overrides or []))  # a key given again later wins, as in a shell script
+    if not cfg.run.name:
+        cfg.run.name = Path(config_path).stem if config_path else "default"
+    if not cfg.run.dir:
+        cfg.run.dir = os.path.join("runs", cfg.run.name)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a config saved in a run directory or checkpoint."""
+    cfg = Config()
+    _apply(cfg, _flatten(tree, "saved config"))
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write the resolved config (atomically, so a kill never leaves half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# Keys that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = (
+    "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.device", "train.check_every_steps", "train.cuda_graphs",
+    "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.path",
+)
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Settings that differ between two config dicts, ignoring those a resume may change."""
+    out = []
+    for section, body in new.items():
+        for key, value in body.items():
+            name = f"{section}.{key}"
+            if any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUMABLE_CHANGES):
+                continue
+            before = old.get(section, {}).get(key, value)
+            if before != value:
+                out.append(f"{name}: {before!r} -> {value!r}")
+    return out

@@ -1,0 +1,108 @@
+"""Every range and choice check in one place, so a bad value fails before anything starts."""
+
+from __future__ import annotations
+
+from launch.errors import UserError
+
+BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist")
+BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}: must be one of {', '.join(choices)}, got '{value}'")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg) -> None:
+    """Check a whole Config; raise UserError naming the first bad key."""
+    _model(cfg.model)
+    _data(cfg.data)
+    _train(cfg.train)
+    _rest(cfg.dist, cfg.ckpt, cfg.log)
+
+
+def _model(m) -> None:
+    if m.name != "mlp" and ":" not in m.name:
+        raise UserError(f"model.name: must be 'mlp' or an import path 'pkg.module:Class', got '{m.name}'")
+    for i, w in enumerate(m.hidden):
+        _positive(f"model.hidden[{i}]", w)
+    for key in ("in_features", "out_features"):
+        if getattr(m, key) is not None:
+            _positive(f"model.{key}", getattr(m, key))
+
+
+def _data(d) -> None:
+    if d.name not in BUILTIN_DATA and ":" not in d.name:
+        raise UserError(f"data.name: must be one of {', '.join(BUILTIN_DATA)} or an import path 'pkg.module:Class', got '{d.name}'")
+    for key in ("batch_size", "eval_batch_size", "n_train", "n_eval", "features"):
+        _positive(f"data.{key}", getattr(d, key))
+    if d.classes < 2:
+        raise UserError(f"data.classes: must be >= 2, got {d.classes}")
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _choice("data.pin_memory", d.pin_memory, ("auto", "true", "false"))
+    if d.name in ("csv", "npz", "mnist") and not d.path:
+        raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")
+    if d.name in ("csv", "npz") and d.val_fraction == 0 and not d.val_path:
+        raise UserError("data.val_fraction: 0 leaves no evaluation set; give data.val_path or a fraction > 0")
+    for key in ("x_key", "y_key"):
+        if not getattr(d, key):
+            raise UserError(f"data.{key}: must not be empty")
+
+
+def _train(t) -> None:
+    _positive("train.epochs", t.epochs)
+    _positive("train.lr", t.lr)
+    _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
+    _positive("train.momentum", t.momentum, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _choice("train.device", t.device, ("auto", "cpu", "cuda", "mps"))
+    _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _positive("train.accum_steps", t.accum_steps)
+    _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _choice("train.schedule", t.schedule, ("constant", "step", "cosine"))
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.step_every", t.step_every)
+    _positive("train.gamma", t.gamma)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"train.min_lr_ratio: must be between 0 and 1, got {t.min_lr_ratio}")
+    _positive("train.check_every_steps", t.check_every_steps)
+    if t.loss not in BUILTIN_LOSSES and ":" not in t.loss:
+        raise UserError(f"train.loss: must be one of {', '.join(BUILTIN_LOSSES)} or an import path 'pkg.module:fn', got '{t.loss}'")
+    _choice("train.cuda_graphs", t.cuda_graphs, ("auto", "on", "off"))
+
+
+def _rest(di, c, lg) -> None:
+    _choice("dist.backend", di.backend, ("auto", "nccl", "gloo"))
+    _positive("dist.timeout_s", di.timeout_s)
+    _positive("dist.bucket_cap_mb", di.bucket_cap_mb)
+    _positive("ckpt.every_steps", c.every_steps, allow_zero=True)
+    _positive("ckpt.every_epochs", c.every_epochs, allow_zero=True)
+    if c.keep_last < 1:
+        raise UserError(f"ckpt.keep_last: must be >= 1, got {c.keep_last}")
+    if not c.resume:
+        raise UserError("ckpt.resume: must be 'auto', 'never' or a checkpoint path, got ''")
+    _positive("ckpt.barrier_timeout_s", c.barrier_timeout_s)
+    _choice("log.progress", lg.progress, ("auto", "true", "false"))
+    _positive("log.every_steps", lg.every_steps, allow_zero=True)
+    if lg.profile_steps:
+        profile_range(lg.profile_steps)
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """log.profile_steps 'START:END' -> (start, end), 1-based optimizer steps, END inclusive."""
+    start, sep, end = text.partition(":")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        first = last = 0
+    if not sep or first < 1 or last < first:
+        raise UserError(f"log.profile_steps: expected START:END with 1 <= START <= END (optimizer steps), got '{text}'")
+    return first, last
