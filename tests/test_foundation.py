@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,7 +192,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, script):
 
 
 def test_readme_config_reference_is_current():
-    readme = (config.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- config-reference:start (regenerate: python -m launch.config) -->\n")[1].split("\n<!-- config-reference:end -->")[0]
     assert block == config.reference_markdown(), "README's config reference is stale: python -m launch.config"
 
