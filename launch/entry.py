@@ -61,7 +61,8 @@ def _is_peer_failure(exc: BaseException) -> bool:
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
     from launch import dist as dist_mod
-    from launch.loop import Stopped, train
+    from launch.loop import train
+    from launch.stopping import Stopped
 
     try:
         env = dist_mod.detect()
@@ -72,11 +73,8 @@ def run_worker(cfg) -> int:
         rt = dist_mod.setup(cfg, env)
         result = train(cfg, rt)
         if env.is_main and result:
-            print(
-                f"done: eval_accuracy {result['eval_accuracy']:.4f} eval_loss {result['eval_loss']:.4f} "
-                f"at epoch {result['epoch']} step {result['step']}; run dir {cfg.run.dir}",
-                flush=True,
-            )
+            acc = f"eval_accuracy {result['eval_accuracy']:.4f} " if "eval_accuracy" in result else ""
+            print(f"done: {acc}eval_loss {result['eval_loss']:.4f} at epoch {result['epoch']} step {result['step']}; run dir {cfg.run.dir}", flush=True)
         dist_mod.teardown(rt)
         return 0
     except UserError as e:

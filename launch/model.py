@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
+from typing import Optional
 
 import torch
 from torch import nn
 
 from launch.errors import UserError
+from launch.user_code import call, import_object
 
 
 class NeuralNetwork(nn.Module):
@@ -26,32 +27,21 @@ class NeuralNetwork(nn.Module):
         return self.linear_relu_stack(x)
 
 
-def import_object(path: str, what: str):
-    """Resolve 'pkg.module:Name'."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise UserError(f"{what} '{path}': module '{module_name}' has no '{attr}'") from None
-
-
-def build_model(cfg, in_features: int, num_classes: int) -> nn.Module:
+def build_model(cfg, in_features: int, num_classes: Optional[int]) -> nn.Module:
+    """model.name -> the bare model. `num_classes` is the dataset's output width (classes, or 1
+    for a one-target regression); None when the dataset does not say."""
     m = cfg.model
     if m.in_features is not None and m.in_features != in_features:
         raise UserError(f"model.in_features={m.in_features} but the dataset has {in_features} features")
-    if m.out_features is not None and m.out_features != num_classes:
+    if m.out_features is not None and num_classes is not None and m.out_features != num_classes:
         raise UserError(f"model.out_features={m.out_features} but the dataset has {num_classes} classes")
     if m.name == "mlp":
-        return NeuralNetwork(in_features, list(m.hidden), num_classes)
-    cls = import_object(m.name, "model.name")
-    try:
-        return cls(**m.kwargs)
-    except TypeError as e:
-        raise UserError(f"model.name '{m.name}': bad model.kwargs ({e})") from None
+        out = num_classes or m.out_features
+        if out is None:
+            raise UserError("model.name=mlp: the dataset does not say how many outputs it needs; set model.out_features")
+        return NeuralNetwork(in_features, list(m.hidden), out)
+    cls = import_object(m.name, "model.name", cfg.log.debug)
+    return call(f"model.name '{m.name}' (model.kwargs {m.kwargs})", cls, debug=cfg.log.debug, **m.kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

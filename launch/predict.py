@@ -4,8 +4,9 @@ SOURCE is a run directory (its newest committed checkpoint, else model.pt + conf
 checkpoint file, or a bare model.pt (its run's config.yaml, or --config). Inputs are the run's
 own dataset (--split) or a CSV/NPZ file of raw features (--input): the transform and class names
 saved in the checkpoint's data_state turn raw features into model inputs and indices back into
-the original labels. Evaluation reuses launch.loop.evaluate on a launch.data.Feeder, the same
-code that produced the training run's eval metrics.
+the original labels. Evaluation reuses launch.evaluate on a launch.data.feeder.Feeder, the same
+code that produced the training run's eval metrics. Classifiers write labels and probabilities,
+regressions their predicted values; sequence models support --eval.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from pathlib import Path
 import torch
 
 from launch import checkpoint, config as config_mod
-from launch.data import Feeder, Split, build as build_data
+from launch.data.build import build_data
+from launch.data.feeder import Feeder
+from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
+from launch.data.types import Split, call_model
 from launch.dist import DistEnv, Runtime, resolve_device
 from launch.errors import UserError
-from launch.loop import autocast_context, evaluate
+from launch.evaluate import evaluate
 from launch.model import build_model, clean_state_dict
-from launch.tabular import apply_transform, csv_features, encode, npz_arrays
+from launch.optim import autocast_context
+from launch.task import Task
 
 
 def add_arguments(p) -> None:
@@ -66,11 +71,11 @@ def load_source(source: str, config_path=None):
     return weights, config_mod.from_dict(config_mod.read_yaml(str(cfg_file))), (ckpt or {}).get("data_state"), p
 
 
-def read_input(path: str, state: dict, in_features: int):
+def read_input(path: str, state: dict, in_features: int, regression: bool = False):
     """Raw features (and labels, if the file has them) -> (model inputs, labels or None)."""
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":
-        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False)
+        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False, regression=regression)
     elif suffix == ".csv":
         if state.get("kind") == "csv":
             x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"])
@@ -85,23 +90,32 @@ def read_input(path: str, state: dict, in_features: int):
 
 
 @torch.no_grad()
-def probabilities(model, feeder: Feeder, cfg, device) -> torch.Tensor:
+def outputs(model, feeder: Feeder, cfg, device) -> torch.Tensor:
+    """The model's outputs for every sample, in input order (one rank evaluates 0, 1, 2, ...)."""
     model.eval()
     out = []
-    for x, _ in feeder.eval_batches():  # in input order: one rank evaluates 0, 1, 2, ...
+    for inputs, _ in feeder.eval_batches():
         with autocast_context(cfg, device):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+            out.append(call_model(model, inputs).float().cpu())
     return torch.cat(out)
 
 
-def write_predictions(path: str, probs: torch.Tensor, names: list[str], labels) -> None:
+def write_predictions(path: str, out: torch.Tensor, names, labels, regression: bool) -> None:
+    """Classifiers: the predicted label and one probability per class. Regressions: the values."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "prediction", *[f"prob_{n}" for n in names], *(["label"] if labels is not None else [])])
-        for i, (row, k) in enumerate(zip(probs.tolist(), probs.argmax(dim=1).tolist())):
-            w.writerow([i, names[k], *[f"{p:.6g}" for p in row], *([labels[i]] if labels is not None else [])])
+        extra = ["label"] if labels is not None else []
+        if regression:
+            values = out.reshape(len(out), -1)
+            w.writerow(["row", *(["prediction"] if values.shape[1] == 1 else [f"prediction_{j}" for j in range(values.shape[1])]), *extra])
+            rows = ([i, *[f"{v:.6g}" for v in row]] for i, row in enumerate(values.tolist()))
+        else:
+            probs = torch.softmax(out, dim=1)
+            w.writerow(["row", "prediction", *[f"prob_{n}" for n in names], *extra])
+            rows = ([i, names[k], *[f"{p:.6g}" for p in row]] for i, (row, k) in enumerate(zip(probs.tolist(), probs.argmax(dim=1).tolist())))
+        for i, row in enumerate(rows):
+            w.writerow([*row, *([labels[i]] if labels is not None else [])])
 
 
 def run(args) -> int:
@@ -109,6 +123,7 @@ def run(args) -> int:
     if args.data_path:
         cfg.data.path = args.data_path
     device = resolve_device(args.device, DistEnv("plain"))
+    regression = cfg.train.loss in REGRESSION_LOSSES
     bundle = None
     if not args.input or state is None:  # the run's own data: also rebuilds the state bare weights lack
         bundle = build_data(cfg)
@@ -116,31 +131,43 @@ def run(args) -> int:
     mats = [v for v in weights.values() if v.ndim == 2]
     in_features = bundle.in_features if bundle else (cfg.model.in_features or (mats[0].shape[1] if mats else 0))
     num_classes = bundle.num_classes if bundle else len(state.get("class_names") or []) or cfg.model.out_features or mats[-1].shape[0]
-    names = list(state.get("class_names") or [str(i) for i in range(num_classes)])
+    names = list(state.get("class_names") or [str(i) for i in range(num_classes or 0)])
     model = build_model(cfg, in_features, num_classes).to(device)
     try:
         model.load_state_dict(clean_state_dict(weights))
     except RuntimeError as e:
         raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit the model of its config ({' '.join(str(e).split())[:200]})") from None
-
-    if args.input:
-        x, raw_labels = read_input(args.input, state, in_features)
-        y = encode(raw_labels, names, args.input) if raw_labels is not None else torch.zeros(len(x), dtype=torch.long)
-        split, where = Split(x, y), args.input
-    else:
-        split, where = (bundle.eval if args.split == "eval" else bundle.train), f"{args.split} split of data.name={cfg.data.name}"
-        raw_labels = None
+    split, where, raw_labels = _split(args, cfg, bundle, state, in_features, names, regression)
     feeder = Feeder(split, cfg, device, 0, 1, args.batch_size or cfg.data.eval_batch_size)
     if args.eval:
         if args.input and raw_labels is None:
             raise UserError(f"--eval: {args.input} has no label column/array to compare with")
-        loss, acc, n = evaluate(model, feeder, Runtime(DistEnv("plain"), device, None), cfg)
-        print(json.dumps({"loss": loss, "accuracy": acc, "samples": n, "data": where, "weights": str(origin)}))
+        task = Task(cfg, model)
+        result = evaluate(model, task, feeder, Runtime(DistEnv("plain"), device, None), cfg)
+        print(json.dumps({"loss": result["eval_loss"], **({"accuracy": result["eval_accuracy"]} if "eval_accuracy" in result else {}),
+                          "samples": result["eval_samples"], "data": where, "weights": str(origin)}))
         if not args.output:
             return 0
-    probs = probabilities(model, feeder, cfg, device)
-    labels = raw_labels if raw_labels is not None else ([names[i] for i in split.y.tolist()] if not args.input and split.y is not None else None)
-    out = args.output or "predictions.csv"
-    write_predictions(out, probs, names, labels)
-    print(f"wrote {len(probs)} predictions ({where}) to {out}")
+    if split.dataset is not None or cfg.train.loss not in ("cross_entropy", *REGRESSION_LOSSES):
+        raise UserError(f"predictions CSV: only for classifiers and regressions on in-memory data (train.loss={cfg.train.loss}, data.name={cfg.data.name}); use --eval")
+    out = outputs(model, feeder, cfg, device)
+    if regression:
+        labels = raw_labels if raw_labels is not None else (None if args.input else [f"{v:.6g}" for v in split.y.reshape(-1).tolist()])
+    else:
+        labels = raw_labels if raw_labels is not None else ([names[i] for i in split.y.tolist()] if not args.input else None)
+    path = args.output or "predictions.csv"
+    write_predictions(path, out, names, labels, regression)
+    print(f"wrote {len(out)} predictions ({where}) to {path}")
     return 0
+
+
+def _split(args, cfg, bundle, state, in_features, names, regression):
+    """(the Split to run, a description, the raw labels of an --input file or None)."""
+    if not args.input:
+        return (bundle.eval if args.split == "eval" else bundle.train), f"{args.split} split of data.name={cfg.data.name}", None
+    x, raw_labels = read_input(args.input, state, in_features, regression)
+    if raw_labels is None:
+        y = torch.zeros(len(x), 1) if regression else torch.zeros(len(x), dtype=torch.long)
+    else:
+        y = regression_targets(raw_labels, args.input) if regression else encode(raw_labels, names, args.input)
+    return Split(x, y), args.input, raw_labels

@@ -23,9 +23,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1",
     )
     torch.set_num_threads(1)
-    from launch import config, data, dist as dist_mod
-    from launch.loop import evaluate
+    from launch import config, dist as dist_mod
+    from launch.data.feeder import Feeder
+    from launch.data.order import rank_train_indices
+    from launch.data.types import Split
+    from launch.evaluate import evaluate
     from launch.model import NeuralNetwork
+    from launch.task import Task
 
     cfg = config.load(None, ["data.eval_batch_size=3", "train.device=cpu", "data.batch_size=2"])
     env = dist_mod.detect()
@@ -33,13 +37,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N_EVAL, 4, generator=g)
     y = torch.randint(0, 3, (N_EVAL,), generator=g)
-    feeder = data.Feeder(data.Split(x, y), cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
+    feeder = Feeder(Split(x, y), cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
     torch.manual_seed(0)
     model = NeuralNetwork(4, [8], 3)
-    loss, acc, count = evaluate(model, feeder, rt, cfg)
-    shards = {e: data.rank_train_indices(N_TRAIN, 0, e, env.rank, env.world_size).tolist() for e in range(3)}
-    train_feed = data.Feeder(data.Split(torch.arange(N_TRAIN).float()[:, None], torch.arange(N_TRAIN)), cfg, rt.device, env.rank, env.world_size, 2)
-    batches = [yb.tolist() for _, yb in train_feed.train_epoch(0, 1)]
+    ev = evaluate(model, Task(cfg, model), feeder, rt, cfg)
+    loss, acc, count = ev["eval_loss"], ev["eval_accuracy"], ev["eval_samples"]
+    shards = {e: rank_train_indices(N_TRAIN, 0, e, env.rank, env.world_size).tolist() for e in range(3)}
+    train_feed = Feeder(Split(torch.arange(N_TRAIN).float()[:, None], torch.arange(N_TRAIN)), cfg, rt.device, env.rank, env.world_size, 2)
+    batches = [yb.tolist()[:n] for _, yb, n in train_feed.train_epoch(0, 1)]
     torch.save({"eval": (loss, acc, count), "shards": shards, "batches_epoch1": batches, "backend": rt.backend}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist_mod.teardown(rt)
 

@@ -222,3 +222,21 @@ def test_foreign_run_directory_is_refused_and_never_overwritten(reference, tmp_p
     assert "resumed from" not in fresh.stdout
     moved = list((tmp_path / "run").glob("checkpoints.old-*"))
     assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == before
+
+
+def test_a_checkpoint_written_before_the_restructure_resumes_after_it(tmp_path):
+    """tests/fixtures/pre_split_run: a run stopped mid-epoch 1 at step 30 by the loop as it was
+    before it was split into modules (SMALL, single process, CPU). Resuming it now must finish the
+    run with exactly the weights that loop reached uninterrupted (tests/fixtures/pre_split_model.pt)."""
+    import shutil
+
+    fixtures = ROOT / "tests" / "fixtures"
+    shutil.copytree(fixtures / "pre_split_run", tmp_path / "run")
+    p = single(tmp_path / "run", "train.device=cpu")
+    assert p.returncode == 0, output(p)
+    assert "resumed from" in p.stdout and "step 30" in p.stdout
+    old = torch.load(fixtures / "pre_split_model.pt", weights_only=True)
+    new = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert old.keys() == new.keys()
+    for k in old:
+        assert torch.equal(old[k], new[k]), k

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import config as config_mod
-from launch.data import build
+from launch.data.build import build_data as build
 from launch.errors import UserError
 from tests.helpers import PY, ROOT, output, run
 

@@ -14,11 +14,15 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from launch import config
-from launch.data import Feeder, Split
+from launch.data.feeder import Feeder
+from launch.data.order import rank_train_indices
+from launch.data.types import Split
 from launch.dist import DistEnv, setup
 from launch.logger import read_metrics
+from launch.loop import train
 from launch.model import build_model
-from launch.loop import Stopped, lr_factor, train
+from launch.optim import lr_factor
+from launch.stopping import Stopped
 
 from tests.helpers import SMALL, output, spawn
 
@@ -128,23 +132,23 @@ class Numbered(Dataset):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_in_memory_and_dataloader_paths_follow_the_distributed_sampler(workers):
+def test_in_memory_and_dataloader_paths_follow_the_same_order(workers):
+    """Both paths yield this rank's shard of the epoch permutation in batches, no padding; the
+    DistributedSampler's shuffle is the permutation (checked in test_foundation)."""
     n, b, ws, seed = 23, 4, 3, 7
-    cfg = config.load(None, [f"data.num_workers={workers}", f"train.seed={seed}"])
+    cfg = config.load(None, [f"data.num_workers={workers}", f"train.seed={seed}", "train.device=cpu"])
     ds = Numbered(n)
     x = torch.stack([ds[i][0] for i in range(n)])
     y = torch.tensor([ds[i][1] for i in range(n)])
     for rank in range(ws):
         mem = Feeder(Split(x, y), cfg, torch.device("cpu"), rank, ws, b)
         loader = Feeder(Split(dataset=ds), cfg, torch.device("cpu"), rank, ws, b)
-        sampler = DistributedSampler(ds, num_replicas=ws, rank=rank, shuffle=True, seed=seed)
         for epoch in range(2):
-            sampler.set_epoch(epoch)
-            expected = list(sampler)
-            got_mem = [xb[:, 0].long().tolist() for xb, _ in mem.train_epoch(seed, epoch)]
-            got_dl = [xb[:, 0].long().tolist() for xb, _ in loader.train_epoch(seed, epoch)]
+            expected = rank_train_indices(n, seed, epoch, rank, ws).tolist()
+            got_mem = [xb[:m, 0].long().tolist() for xb, _, m in mem.train_epoch(seed, epoch)]
+            got_dl = [xb[:m, 0].long().tolist() for xb, _, m in loader.train_epoch(seed, epoch)]
             assert got_mem == got_dl == [expected[i : i + b] for i in range(0, len(expected), b)]
-            assert all(yb.tolist() == [i % 3 for i in xs] for (_, yb), xs in zip(mem.train_epoch(seed, epoch), got_mem))
+            assert all(yb[:m].tolist() == [i % 3 for i in xs] for (_, yb, m), xs in zip(mem.train_epoch(seed, epoch), got_mem))
 
 
 class WorkerSeed(Dataset):
@@ -156,7 +160,7 @@ class WorkerSeed(Dataset):
 
 
 def test_dataloader_workers_are_seeded_per_rank():
-    cfg = config.load(None, ["data.num_workers=1", "train.seed=3"])
+    cfg = config.load(None, ["data.num_workers=1", "train.seed=3", "train.device=cpu"])
     seeds = [Feeder(Split(dataset=WorkerSeed()), cfg, torch.device("cpu"), r, 2, 4) for r in range(2)]
     first = [next(iter(f.train_epoch(3, 0)))[0][0].item() for f in seeds]
     assert first[0] != first[1]

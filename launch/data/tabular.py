@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from launch.data import DataBundle, Split
+from launch.data.types import DataBundle, Split
 from launch.errors import UserError
 
 
@@ -69,8 +69,38 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state: dict, where: str) -> DataBundle:
-    """Shared tail of csv and npz: class mapping, optional standardisation, the bundle."""
+REGRESSION_LOSSES = ("mse", "l1")
+
+
+def regression_targets(labels: list[str], where: str) -> torch.Tensor:
+    """Float targets [N, 1] for train.loss=mse/l1."""
+    try:
+        y = torch.tensor([float(v) for v in labels], dtype=torch.float32)[:, None]
+    except ValueError:
+        bad = next(v for v in labels if not _is_number(v))
+        raise UserError(f"{where}: target value {bad!r} is not a number (train.loss is a regression loss)") from None
+    if not torch.isfinite(y).all():
+        raise UserError(f"{where}: the targets hold non-finite values")
+    return y
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state: dict, where: str) -> DataBundle:
+    """Shared tail of csv and npz: targets (class indices, or floats for regression), optional standardisation, the bundle."""
+    d = cfg.data
+    if cfg.train.loss in REGRESSION_LOSSES:
+        if d.standardize:
+            state.update(fit_standardizer(x_tr))
+        x_tr, x_ev = apply_transform(x_tr, state), apply_transform(x_ev, state)
+        train, ev = Split(x_tr, regression_targets(lab_tr, where)), Split(x_ev, regression_targets(lab_ev, where))
+        return DataBundle(train, ev, int(x_tr[0].numel()), 1, state)  # one output per target
     names = class_names(lab_tr + lab_ev)
     if len(names) < 2:
         raise UserError(f"{where}: the labels hold a single class ({names[0]!r}); need at least two")
@@ -80,6 +110,11 @@ def _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state: dict, where: str) -> DataBundl
     x_tr, x_ev = apply_transform(x_tr, state), apply_transform(x_ev, state)
     train = Split(x_tr, encode(lab_tr, names, where))
     ev = Split(x_ev, encode(lab_ev, names, where))
+    if cfg.train.loss == "bce_with_logits":  # binary: one logit per sample, float 0/1 targets
+        if len(names) != 2:
+            raise UserError(f"{where}: train.loss=bce_with_logits needs two classes here, the labels hold {len(names)}")
+        train, ev = Split(train.x, train.y.float()[:, None]), Split(ev.x, ev.y.float()[:, None])
+        return DataBundle(train, ev, int(x_tr[0].numel()), 1, state)
     return DataBundle(train, ev, int(x_tr[0].numel()), len(names), state)
 
 
@@ -191,13 +226,13 @@ def build_csv(cfg) -> DataBundle:
             raise UserError(f"{d.val_path}: no label column '{target}' (data.val_path needs the same columns as data.path)")
     x_tr, lab_tr, x_ev, lab_ev = train_eval(d, x, labels, (x_ev, lab_ev) if d.val_path else None)
     state = {"kind": "csv", "header": d.header, "feature_columns": features, "target": target, "ignore": list(d.ignore)}
-    return _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state, d.path)
+    return _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state, d.path)
 
 
 # --------------------------------------------------------------------------- npz
 
 
-def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True):
+def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regression: bool = False):
     """(x tensor, labels as strings or None) from an .npz file; pickled object arrays are refused."""
     p = Path(path)
     if not p.is_file():
@@ -221,9 +256,9 @@ def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True):
     if y is not None:
         if y.ndim != 1 or len(y) != len(x):
             raise UserError(f"{path}: '{y_key}' has shape {y.shape} but '{x_key}' has {len(x)} samples (need one label per sample)")
-        if np.issubdtype(y.dtype, np.floating):
+        if np.issubdtype(y.dtype, np.floating) and not regression:
             if not np.all(np.mod(y, 1) == 0):
-                raise UserError(f"{path}: '{y_key}' holds non-integer numbers; labels must be integers or strings")
+                raise UserError(f"{path}: '{y_key}' holds non-integer numbers; class labels must be integers or strings (for regression set train.loss=mse or l1)")
             y = y.astype(np.int64)
         labels = [str(v) for v in y.tolist()]
     return torch.from_numpy(np.ascontiguousarray(x)).float(), labels
@@ -231,11 +266,12 @@ def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True):
 
 def build_npz(cfg) -> DataBundle:
     d = cfg.data
-    x, labels = npz_arrays(d.path, d.x_key, d.y_key)
+    regression = cfg.train.loss in REGRESSION_LOSSES
+    x, labels = npz_arrays(d.path, d.x_key, d.y_key, regression=regression)
     if d.val_path:
-        x_ev, lab_ev = npz_arrays(d.val_path, d.x_key, d.y_key)
+        x_ev, lab_ev = npz_arrays(d.val_path, d.x_key, d.y_key, regression=regression)
         if x_ev.shape[1:] != x.shape[1:]:
             raise UserError(f"{d.val_path}: samples of shape {tuple(x_ev.shape[1:])}, but {d.path} has {tuple(x.shape[1:])}")
     x_tr, lab_tr, x_ev, lab_ev = train_eval(d, x, labels, (x_ev, lab_ev) if d.val_path else None)
     state = {"kind": "npz", "x_key": d.x_key, "y_key": d.y_key, "sample_shape": list(x.shape[1:])}
-    return _bundle(x_tr, lab_tr, x_ev, lab_ev, d, state, d.path)
+    return _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state, d.path)

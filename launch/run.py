@@ -1,0 +1,191 @@
+"""Setting up a run: data, model, loss, optimizer, resume, the run directory, the wrappers.
+
+`start` does it in the order that keeps user mistakes cheap: everything that can be wrong with
+the data, the model or the loss surfaces before a file is written or a collective is waited on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from launch import checkpoint, config as config_mod, rundir, state as state_mod
+from launch.data.build import build_data
+from launch.data.feeder import Feeder
+from launch.data.order import steps_per_epoch
+from launch.data.types import DataBundle
+from launch.dist import Runtime, print0, rank_table, save_barrier
+from launch.errors import UserError
+from launch.faults import Faults
+from launch.logger import MetricsLog, read_metrics, tensorboard_writer_class
+from launch.model import build_model, clean_state_dict
+from launch.optim import make_optimizer, make_scaler, make_scheduler
+from launch.profiling import make_profiler
+from launch.resources import GradNormProbe, ResourceMeter
+from launch.state import TrainState, Trainables
+from launch.step import TrainingModule, TrainStep
+from launch.stopping import StopRequest
+from launch.task import Task
+
+
+@dataclass
+class Run:
+    """Everything the loop works with; built by `start`."""
+
+    cfg: Any
+    rt: Runtime
+    stop: StopRequest
+    say: Callable[[str], None]
+    data: DataBundle
+    task: Task
+    parts: Trainables
+    state: TrainState
+    train_feed: Feeder
+    eval_feed: Feeder
+    faults: Faults
+    steps_per_epoch: int
+    step: Any = None  # TrainStep
+    metrics: Any = None
+    resources: Any = None
+    grad_probe: Any = None
+    profiler: Any = None
+    lock: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    epoch_started: float = 0.0
+
+    @property
+    def bare(self) -> nn.Module:
+        return self.parts.model
+
+    @property
+    def scheduler(self):
+        return self.parts.scheduler
+
+    def save(self, totals: torch.Tensor) -> None:
+        """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the partial epoch."""
+        stall = self.faults.save_stall(self.state.step)
+        state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say)
+
+    def finish(self, record: dict) -> dict:
+        """After the last epoch: the final weights, prefix-free, as model.pt."""
+        self.metrics.close()
+        if not record:  # resumed a finished run
+            self.say(f"nothing to do: the run in {self.cfg.run_dir} is already complete at step {self.state.step} (ckpt.resume=never starts fresh)")
+            done = read_metrics(self.cfg.run_dir)
+            record = done[-1] if done else {}
+        if self.rt.env.is_main:
+            final = clean_state_dict(self.bare.state_dict())
+            checkpoint.atomic_write(self.cfg.run_dir / "model.pt", lambda f: torch.save(final, f))
+        return record
+
+
+def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
+    say = lambda msg: print0(msg, rt=rt)  # noqa: E731
+    rundir.check_usable(cfg.run_dir)
+    data, bare, task, feeds = _build(cfg, rt)
+    per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+    optimizer = make_optimizer(cfg, bare.parameters())
+    parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, per_epoch * cfg.train.epochs), make_scaler(cfg, rt.device))
+    resumed_from, ckpt = state_mod.choose_resume(cfg, say)
+    state = TrainState()
+    if resumed_from is not None:
+        state = state_mod.restore(ckpt, resumed_from, parts, rt.env.is_main)
+    run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch)
+    _open_run_dir(run, resumed_from, ckpt)
+    module = _wrap(cfg, rt, TrainingModule(bare, task))
+    run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler)
+    run.resources = ResourceMeter(rt)
+    if cfg.log.tensorboard and rt.env.is_main:  # the norm at each epoch's last optimizer step, for TensorBoard
+        rest = len(data.train) - min(state.samples_in_epoch, len(data.train))
+        first_end = state.step + steps_per_epoch(rest, cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+        run.grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: run.state.step, first_end)
+    run.profiler = make_profiler(cfg, rt.env.rank, rt.device, say)
+    module.train()
+    return run
+
+
+def _build(cfg, rt: Runtime):
+    """Data, model and loss, checked against each other on a real batch. Nothing is written yet."""
+    env = rt.env
+    data = build_data(cfg)
+    global_batch = cfg.data.batch_size * env.world_size
+    if len(data.train) < global_batch:
+        raise UserError(
+            f"the training set has {len(data.train)} samples, fewer than one global batch "
+            f"({cfg.data.batch_size} per process x {env.world_size} processes = {global_batch})"
+        )
+    if len(data.eval) == 0:
+        raise UserError("the evaluation set is empty")
+    if cfg.log.tensorboard:
+        tensorboard_writer_class()  # on every rank: a missing package stops them all alike
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
+    task = Task(cfg, bare)
+    train_feed = Feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
+    eval_feed = Feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
+    inputs, target = train_feed.sample_batch()
+    task.check(bare, inputs, target)
+    task.decide_counts(data.train, target)
+    return data, bare, task, (train_feed, eval_feed)
+
+
+def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
+    """Rank 0 takes the run directory (one writer at a time), refuses a foreign one, writes
+    config.yaml and tidies up; then the metrics log opens and every rank's table is printed."""
+    cfg, rt, say = run.cfg, run.rt, run.say
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if resumed_from is not None and saved.exists():
+        changes = config_mod.differences(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+        if changes:
+            raise UserError(
+                f"run directory {run_dir} holds a run with a different config ({'; '.join(changes[:3])}); "
+                "use another run.dir, or ckpt.resume=never to start fresh there"
+            )
+    if rt.env.is_main:
+        run.lock = rundir.lock(run_dir)
+        config_mod.save(cfg, saved)
+        if cfg.ckpt.resume == "never":
+            moved = checkpoint.move_aside(run_dir)
+            if moved:
+                say(f"ckpt.resume=never: moved the old checkpoints to {moved}")
+        checkpoint.clean_temporaries(run_dir)
+    save_barrier(rt)  # nobody reads the run directory while rank 0 rearranges it
+    resumed = resumed_from is not None
+    run.metrics = MetricsLog(run_dir, rt.env.is_main, cfg.log.tensorboard, purge_step=run.state.step + 1 if resumed else 0)
+    run.metrics.truncate_after(run.state.step if resumed else -1)
+    for line in rank_table(rt):  # every rank's launcher, host and device, printed by rank 0
+        say(line)
+    if resumed:
+        say(f"resumed from {resumed_from} (epoch {run.state.epoch}, step {run.state.step})")
+        if ckpt["world_size"] != rt.env.world_size:
+            say(
+                f"note: checkpoint was written with world size {ckpt['world_size']}, resuming with {rt.env.world_size}: "
+                f"epoch {run.state.epoch} continues at sample {run.state.samples_in_epoch} of its permutation"
+            )
+    if rt.env.restart_count:
+        say(f"torchrun restart {rt.env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
+
+
+def _wrap(cfg, rt: Runtime, module: nn.Module) -> nn.Module:
+    """DDP only with more than one process: a one-rank all-reduce does nothing useful, so a
+    one-process torchrun job costs what a plain process costs."""
+    if rt.env.world_size > 1:
+        d = cfg.dist
+        module = nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            bucket_cap_mb=d.bucket_cap_mb,
+            gradient_as_bucket_view=d.gradient_as_bucket_view,
+            static_graph=d.static_graph,
+            find_unused_parameters=d.find_unused_parameters,
+        )
+    if cfg.train.compile:
+        # mode="reduce-overhead" records CUDA graphs: worth it for small models whose steps are launch-bound.
+        module = torch.compile(module, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
+    return module

@@ -1,0 +1,104 @@
+"""What a checkpoint holds, taking it from a run and putting it back, and which one to resume from.
+
+The file format (launch.checkpoint) is unchanged since the first version: a checkpoint written
+before the loop was split into modules resumes after it (tests/fixtures/pre_split_run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from launch import checkpoint
+from launch.dist import Runtime, all_reduce_sum, save_barrier
+from launch.model import clean_state_dict
+
+
+@dataclass
+class TrainState:
+    """Where training stands: everything besides tensors that a resume needs."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in total
+    samples_in_epoch: int = 0  # global samples consumed in `epoch` (the resume point inside it)
+    epoch_loss_sum: float = 0.0  # global train-loss sum so far in `epoch` (carried by rank 0 on resume)
+    epoch_loss_count: float = 0  # elements in that sum
+
+
+@dataclass
+class Trainables:
+    """The objects whose state a checkpoint captures besides the TrainState."""
+
+    model: nn.Module  # the bare user model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: Optional[object]
+
+
+def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict) -> dict:
+    return {
+        "model": clean_state_dict(t.model.state_dict()),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "epoch": s.epoch,
+        "step": s.step,
+        "samples_in_epoch": s.samples_in_epoch,
+        "epoch_loss_sum": s.epoch_loss_sum,
+        "epoch_loss_count": s.epoch_loss_count,
+        "world_size": world_size,
+        "batch_size": cfg.data.batch_size,
+        "rng": checkpoint.rng_state(),
+        "config": cfg.to_dict(),
+        "data_state": data_state,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def restore(ckpt: dict, origin: Path, t: Trainables, is_main: bool) -> TrainState:
+    try:
+        t.model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit this model ({detail[:300]})") from None
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler") is not None:
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+    if t.scaler is not None and ckpt.get("scaler"):
+        t.scaler.load_state_dict(ckpt["scaler"])
+    checkpoint.set_rng_state(ckpt["rng"])
+    s = TrainState(ckpt["epoch"], ckpt["step"], ckpt["samples_in_epoch"])
+    if is_main:  # the saved partial-epoch loss is a global sum: rank 0 alone carries it forward
+        s.epoch_loss_sum, s.epoch_loss_count = ckpt["epoch_loss_sum"], ckpt["epoch_loss_count"]
+    return s
+
+
+def choose_resume(cfg, say: Callable[[str], None]) -> tuple[Optional[Path], Optional[dict]]:
+    """ckpt.resume: 'auto' takes the run directory's newest good checkpoint; a path starts a run
+    from that file, but once the run has checkpoints of its own, restarts continue from those.
+    Every rank reads the same files (read-only) and reaches the same decision."""
+    if cfg.ckpt.resume == "never":
+        return None, None
+    found = checkpoint.find_resumable(cfg.run_dir, say)
+    if found:
+        if cfg.ckpt.resume != "auto":
+            say(f"note: {cfg.run_dir} has its own checkpoints; resuming from them, not from ckpt.resume={cfg.ckpt.resume}")
+        return found
+    if cfg.ckpt.resume != "auto":
+        return Path(cfg.ckpt.resume), checkpoint.load(Path(cfg.ckpt.resume))
+    return None, None
+
+
+def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print) -> None:
+    """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
+    so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits."""
+    all_reduce_sum(totals, rt)
+    if rt.env.is_main:
+        at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
+        path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
+        say(f"saved {path}")
+    save_barrier(rt)

@@ -1,0 +1,139 @@
+"""One optimizer step: its micro-batches (DDP syncs only on the last), mixed precision, the loss
+weighted by global element counts, clipping, the optimizer and LR-schedule step.
+
+The weighting is what makes every launcher compute the same update. With static counts (see
+launch.task) micro-batch j of rank r weighs its local mean by k * n_rj / N, N the global element
+count of the optimizer step (known from the data order, no communication): full steps weigh
+1/accum_steps, exactly a hand-written loop's update. With counted elements (ignored targets,
+custom losses) each rank backpropagates its sum times k / N_nominal, and once the global count
+is known (one tiny all-reduce) the gradients are multiplied by N_nominal / N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from launch.dist import Runtime, all_reduce_sum
+from launch.optim import autocast_context
+from launch.task import Task
+
+
+class TrainingModule(nn.Module):
+    """What DDP and torch.compile wrap: the user's model plus its loss, so DDP sees the whole forward."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, inputs, target):
+        return self.task.train_loss(self.model, inputs, target)
+
+
+class LossTally:
+    """The epoch's train-loss sum and element count. The step only appends detached losses (no
+    tensor op, no sync); they are folded in at agreement points and epoch ends, the same steps in
+    an uninterrupted and a resumed run, so the sum is reproducible bit for bit."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, count: float = 0.0):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device) + loss_sum
+        self.count = count  # a host number with static counts, else a device tensor
+        self.losses: list[torch.Tensor] = []
+        self.counts: list = []
+        self.static = True
+
+    def add(self, loss: torch.Tensor, count, static: bool) -> None:
+        self.losses.append(loss)
+        self.counts.append(count)
+        self.static = static
+
+    def fold(self) -> None:
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses)
+        if not self.static:  # sums and counted elements
+            self.sum += losses.sum(dtype=torch.float64)
+            self.count = self.count + sum(self.counts)
+        elif min(self.counts) == max(self.counts):  # the usual case, in three tensor ops
+            self.sum.add_(losses.sum(dtype=torch.float64), alpha=self.counts[0])
+            self.count += sum(self.counts)
+        else:  # an epoch's short last step: mean times count
+            self.sum += (losses.double() * torch.tensor(self.counts, dtype=torch.float64).to(self.sum.device)).sum()
+            self.count += sum(self.counts)
+        self.losses.clear()
+        self.counts.clear()
+
+    def totals(self) -> torch.Tensor:
+        """[sum, count] in float64 on the device (for an all-reduce)."""
+        self.fold()
+        return torch.stack([self.sum, torch.as_tensor(self.count, dtype=torch.float64).to(self.sum.device)])
+
+
+class TrainStep:
+    """Runs optimizer steps on `module` (the TrainingModule, maybe under DDP and torch.compile)."""
+
+    def __init__(self, cfg, rt: Runtime, module: nn.Module, bare: nn.Module, task: Task, optimizer, scheduler, scaler):
+        self.cfg, self.rt, self.module, self.task = cfg, rt, module, task
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.k = rt.env.world_size
+        self.ddp = self.k > 1  # the model is wrapped in DDP exactly then (launch.loop)
+        self.params = [p for p in bare.parameters() if p.requires_grad]
+        self.clip = cfg.train.grad_clip
+        # A constant schedule without warmup has factor 1 forever: LambdaLR.step() would only cost time.
+        self.step_lr = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
+        self.amp = contextlib.nullcontext() if cfg.train.precision == "fp32" else None
+        self.nominal = self.k * cfg.data.batch_size * cfg.train.accum_steps * task.per_sample  # elements of a full step
+        self.last = (0.0, 1)
+
+    def __call__(self, batches: Iterator, n_micro: int, global_samples: int, tally: LossTally, poison: bool = False) -> None:
+        """One optimizer step over the next `n_micro` micro-batches, which hold `global_samples` samples on all ranks together."""
+        static = self.task.static
+        total = global_samples * self.task.per_sample  # global elements (static counts)
+        counted = 0
+        for i in range(n_micro):
+            inputs, target, n = next(batches)
+            last = i == n_micro - 1
+            with contextlib.nullcontext() if (last or not self.ddp) else self.module.no_sync():
+                with self.amp or autocast_context(self.cfg, self.rt.device):
+                    loss, count = self.module(inputs, target)
+                if poison:
+                    loss = loss * float("nan")
+                if n == 0:  # a stand-in batch (see launch.data.order): it must add exactly nothing
+                    loss, count = loss * 0.0, 0
+                if static:
+                    weight = self.k * count / total
+                    scaled = loss if weight == 1.0 else loss * weight
+                else:
+                    scaled = loss * (self.k / self.nominal)
+                    counted = counted + count
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            tally.add(loss.detach(), count, static)
+        self.last = (loss.detach(), count)
+        self._update(None if static else counted)
+
+    def _update(self, counted) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if counted is not None:  # the global element count is known only now
+            n = torch.as_tensor(counted, dtype=torch.float32, device=self.rt.device).clone()
+            all_reduce_sum(n, self.rt)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, self.nominal / n.clamp(min=1))
+        if self.clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.step_lr:
+            self.scheduler.step()
+
+    def last_loss(self) -> float:
+        """The last micro-batch's mean loss (for log.every_steps records)."""
+        loss, count = self.last
+        return float(loss) if self.task.static else float(loss) / max(float(count), 1.0)

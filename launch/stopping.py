@@ -1,0 +1,86 @@
+"""Stopping on purpose: signals and the STOP file, agreed on by every rank at chosen points.
+
+Signal handlers only set a flag. Every train.check_every_steps steps, before every checkpoint
+and at every epoch end, the ranks agree (one tiny all-reduce) on two flags: somebody asked to
+stop, and somebody saw a non-finite loss. The hot path does no host synchronisation besides that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from launch.dist import Runtime, all_reduce_sum
+from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
+
+
+class Stopped(Exception):
+    """Training stopped early on purpose; carries the exit code and a one-line message."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class StopRequest:
+    """A second signal of the same kind at least a second later exits at once. (Under torchrun a
+    Ctrl-C reaches the workers twice within milliseconds: from the terminal and forwarded by the
+    agent. That pair counts as one.)"""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, stop_file: Path):
+        self.signum = 0
+        self.first_at = 0.0
+        self.stop_file = stop_file
+
+    def install(self) -> dict:
+        """Install the handlers; return the previous ones (restored when training returns)."""
+        return {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum and now - self.first_at > 1.0:
+            os._exit(128 + signum)
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+
+    def requested(self) -> bool:
+        return bool(self.signum) or self.stop_file.exists()
+
+    def reason(self) -> str:
+        if self.signum:
+            return signal.Signals(self.signum).name
+        return f"stop file {self.stop_file}"
+
+
+def agree(stop: StopRequest, loss_sum: torch.Tensor, rt: Runtime) -> tuple[bool, bool]:
+    """All ranks learn whether anyone wants to stop and whether anyone's loss went non-finite.
+    Flags are built on the device and read back once (one host sync). Alone, there is nobody
+    to agree with: one read of the sum is the whole check."""
+    if rt.env.world_size == 1:
+        return stop.requested(), not math.isfinite(loss_sum.item())
+    flags = torch.stack([loss_sum.new_full((), float(stop.requested())), (~torch.isfinite(loss_sum)).to(loss_sum.dtype)])
+    all_reduce_sum(flags, rt)
+    wants_stop, nonfinite = flags.tolist()
+    return wants_stop > 0, nonfinite > 0
+
+
+def nonfinite(cfg, step: int, epoch: int) -> Stopped:
+    return Stopped(
+        f"non-finite loss (NaN/inf) detected at step {step} (epoch {epoch}; checked every "
+        f"{cfg.train.check_every_steps} steps); no checkpoint written after it, the last good one is kept",
+        EXIT_NONFINITE,
+    )
+
+
+def stopped(stop: StopRequest, rt: Runtime, run_dir: Path, step: int, where: str) -> Stopped:
+    """The agreed stop, after its checkpoint: the STOP file is consumed (a requeued job must not stop again at once)."""
+    if rt.env.is_main:
+        (run_dir / "STOP").unlink(missing_ok=True)
+    return Stopped(f"stopped by {stop.reason()} at step {step} ({where}); checkpoint saved, rerun the same command to resume", EXIT_STOPPED)

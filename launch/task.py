@@ -1,0 +1,151 @@
+"""The task: how a batch becomes a loss and metrics. The extension point for your own model.
+
+train.loss picks a built-in loss or an import path `pkg.module:fn` with
+`fn(output, target) -> per-element losses` (no reduction). A model with a method
+`loss(self, batch) -> (loss_sum, count)` brings its own loss instead (batch = (inputs, target)).
+
+Every loss is a sum over elements divided by an element count: samples for a classifier or a
+regression, tokens for a sequence model (targets equal to -100 do not count). The step weights
+each rank's sum by the GLOBAL count of its optimizer step, so DDP computes what one process
+computes on the whole global batch. Counts are "static" when they follow from shapes alone
+(no ignored targets possible); otherwise they are counted and, in DDP, summed over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launch.data.types import Split, call_model
+from launch.errors import UserError
+from launch.user_code import call, import_object
+
+IGNORE_INDEX = -100
+BUILTIN = ("cross_entropy", "mse", "l1", "bce_with_logits")
+CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+_ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "bce_with_logits": F.binary_cross_entropy_with_logits}
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def class_layout(output: torch.Tensor, target: torch.Tensor):
+    """(logits [M, C], targets [M]) for cross-entropy: classes last ([N, C] with [N]; [N, T, C]
+    with [N, T]) or classes second as torch has it ([N, C, T...] with [N, T...]); None if neither fits."""
+    if output.dim() == target.dim() + 1 and output.shape[:-1] == target.shape:
+        if output.dim() == 2:
+            return output, target  # the classifier case: no reshape at all
+        return output.reshape(-1, output.shape[-1]), target.reshape(-1)
+    if output.dim() == target.dim() + 1 and output.dim() > 2 and output.shape[0] == target.shape[0] and output.shape[2:] == target.shape[1:]:
+        return output.movedim(1, -1).reshape(-1, output.shape[1]), target.reshape(-1)
+    return None
+
+
+class Task:
+    def __init__(self, cfg, model: nn.Module):
+        self.name = cfg.train.loss
+        self.kind = "model" if callable(getattr(model, "loss", None)) else ("function" if self.name not in BUILTIN else self.name)
+        self.fn = import_object(self.name, "train.loss", cfg.log.debug) if self.kind == "function" else None
+        self.debug = cfg.log.debug
+        self.classification = self.kind in CLASSIFICATION
+        self.static = False  # set by decide_counts
+        self.per_sample = 1  # target elements per sample (static counts)
+        self.classes = None  # cross_entropy: the model's number of classes, seen by check()
+
+    # ------------------------------------------------------------------ training
+
+    def train_loss(self, model: nn.Module, inputs, target):
+        """(loss, count): the local mean and its element count (an int) with static counts,
+        else the local sum and its count (a tensor or int)."""
+        if self.kind == "model":
+            return model.loss((inputs, target))
+        output = call_model(model, inputs)
+        if self.kind == "function":
+            per = self.fn(output, target)
+            return per.float().sum(), per.numel()
+        reduction = "mean" if self.static else "sum"
+        if self.kind == "cross_entropy":
+            logits, labels = class_layout(output, target)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+            return loss, (labels.numel() if self.static else (labels != IGNORE_INDEX).sum())
+        loss = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction=reduction)
+        return loss, target.numel()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_sums(self, model: nn.Module, inputs, target) -> torch.Tensor:
+        """[loss sum, element count, correct] in float64 for one batch (correct is 0 without accuracy)."""
+        if self.kind == "model":
+            s, c = model.loss((inputs, target))
+            return torch.stack([torch.as_tensor(s).double(), torch.as_tensor(c).double(), torch.zeros((), dtype=torch.float64)]).to(target.device)
+        output = call_model(model, inputs)
+        if self.kind == "function":
+            per = self.fn(output, target).double()
+            return torch.stack([per.sum(), per.new_tensor(float(per.numel())), per.new_zeros(())])
+        if self.kind == "cross_entropy":
+            logits, labels = class_layout(output, target)
+            per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none").double()
+            valid = labels != IGNORE_INDEX
+            correct = ((logits.argmax(dim=1) == labels) & valid).sum()
+            return torch.stack([per.sum(), valid.sum().double(), correct.double()])
+        per = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction="none").double()
+        correct = ((output > 0) == (target > 0.5)).sum().double() if self.kind == "bce_with_logits" else per.new_zeros(())
+        return torch.stack([per.sum(), per.new_tensor(float(per.numel())), correct])
+
+    # ------------------------------------------------------------------ before training
+
+    def check(self, model: nn.Module, inputs, target) -> None:
+        """Refuse a model/loss/data misfit in one line, before anything is written."""
+        where = f"train.loss={self.name}"
+        was = model.training
+        model.eval()  # no dropout: the check draws no random numbers
+        try:
+            with torch.no_grad():
+                if self.kind == "model":
+                    out = call("model.loss(batch)", model.loss, (inputs, target), debug=self.debug)
+                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                        raise UserError(f"model.loss(batch) must return (loss_sum, count), got {type(out).__name__}")
+                    return
+                output = call(f"model.name forward on a batch of {target.shape[0]}", call_model, model, inputs, debug=self.debug)
+                if not isinstance(output, torch.Tensor):
+                    raise UserError(f"the model must return one tensor for {where}, got {type(output).__name__}")
+                self._check_pair(output, target, where)
+        finally:
+            model.train(was)
+
+    def _check_pair(self, output: torch.Tensor, target: torch.Tensor, where: str) -> None:
+        pair = f"model output {_shape(output)} and target {_shape(target)} ({str(target.dtype).replace('torch.', '')})"
+        if self.kind == "function":
+            per = call(f"train.loss '{self.name}'", self.fn, output, target, debug=self.debug)
+            if not isinstance(per, torch.Tensor) or per.dim() == 0 or not per.is_floating_point():
+                raise UserError(f"train.loss '{self.name}' must return per-element losses (a float tensor, no reduction); got {per!r:.60} for {pair}")
+            return
+        if self.kind == "cross_entropy":
+            if target.is_floating_point() or target.dtype == torch.bool:
+                raise UserError(f"{where} needs integer class targets, got {pair}; for regression set train.loss=mse or l1, for 0/1 targets with one output bce_with_logits")
+            layout = class_layout(output, target)
+            if layout is None:
+                raise UserError(f"{where} cannot pair {pair}: expected [N, C] with [N], [N, T, C] with [N, T], or [N, C, T...] with [N, T...]")
+            self.classes = layout[0].shape[1]
+            if self.classes == 1:
+                raise UserError(f"{where} over a single logit is always 0 ({pair}); a one-output model needs train.loss=mse or l1 (regression) or bce_with_logits (binary)")
+            return
+        if output.shape != target.shape:
+            raise UserError(f"{where} needs output and target of the same shape, got {pair} (no broadcasting); reshape one of them")
+
+    def decide_counts(self, split: Split, target: torch.Tensor) -> None:
+        """Static counts when no target can be ignored: known from shapes, no counting collective.
+        In-memory class labels are also range-checked here, once, instead of failing mid-epoch."""
+        self.per_sample = max(1, target.numel() // max(1, target.shape[0]))
+        if self.kind in _ELEMENTWISE:
+            self.static = True
+        elif self.kind == "cross_entropy" and split.dataset is None:
+            y = split.y
+            ignored = bool((y == IGNORE_INDEX).any())
+            valid = y[y != IGNORE_INDEX]
+            classes = self.classes
+            if classes and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+                raise UserError(f"{self.name}: class targets must lie in [0, {classes}) (or be -100 to ignore), the training data holds {int(valid.min())}..{int(valid.max())}")
+            self.static = not ignored
