@@ -24,5 +24,8 @@ def call(what: str, fn, *args, debug: bool = False, **kwargs):
     """Call user code; a TypeError from bad arguments becomes one line."""
     try:
         return fn(*args, **kwargs)
-    except TypeError as e:
-        raise UserError(f"{what}: bad arguments ({e})") from None
+    except UserError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{what}: {type(e).__name__}: {first}") from None

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 N_TRAIN = 10  # deliberately not divisible by 3
 N_EVAL = 10
+N_SEQ = 11  # divisible by none of the world sizes 2, 3
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -45,7 +46,15 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     shards = {e: rank_train_indices(N_TRAIN, 0, e, env.rank, env.world_size).tolist() for e in range(3)}
     train_feed = Feeder(Split(torch.arange(N_TRAIN).float()[:, None], torch.arange(N_TRAIN)), cfg, rt.device, env.rank, env.world_size, 2)
     batches = [yb.tolist()[:n] for _, yb, n in train_feed.train_epoch(0, 1)]
-    torch.save({"eval": (loss, acc, count), "shards": shards, "batches_epoch1": batches, "backend": rt.backend}, os.path.join(out_dir, f"rank{rank}.pt"))
+    # A sequence task: 11 sequences (divisible by none of 2, 3), token-weighted with ignored targets.
+    from tests.user_code import SeqGRU, Tokens
+
+    seq = Tokens("eval", n=N_SEQ)
+    torch.manual_seed(0)
+    gru = SeqGRU()
+    seq_cfg = config.load(None, ["data.eval_batch_size=2", "train.device=cpu"])
+    ev = evaluate(gru, Task(seq_cfg, gru), Feeder(Split(seq.x, seq.y), seq_cfg, rt.device, env.rank, env.world_size, 2), rt, seq_cfg)
+    torch.save({"eval": (loss, acc, count), "seq_eval": ev, "shards": shards, "batches_epoch1": batches, "backend": rt.backend}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist_mod.teardown(rt)
 
 

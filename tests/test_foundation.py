@@ -106,6 +106,18 @@ def test_exact_eval_identical_for_world_sizes(gloo_results):
             assert loss == pytest.approx(ref_loss, rel=1e-12, abs=1e-12)
 
 
+def test_exact_eval_of_a_sequence_task_for_world_sizes(gloo_results):
+    """Token-weighted: the loss is the mean over non-ignored tokens of all 11 sequences, whatever the split."""
+    ref = gloo_results[1][0]["seq_eval"]
+    assert ref["eval_samples"] == dist_checks.N_SEQ
+    for ws in (2, 3):
+        for r in gloo_results[ws]:
+            got = r["seq_eval"]
+            assert got["eval_samples"] == dist_checks.N_SEQ
+            assert got["eval_accuracy"] == ref["eval_accuracy"]
+            assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6)
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -1,0 +1,110 @@
+"""Issue 11: your own task through the same launcher: sequence models, regression, custom losses,
+dict batches, a model's own loss; misfits refused in one line; the guarantees kept (DDP equals one
+process, exact eval, bitwise resume)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from launch import config
+from launch.dist import DistEnv, setup
+from launch.errors import UserError
+from launch.logger import read_metrics
+from launch.loop import train
+from launch.stopping import Stopped
+from tests.helpers import PY, output, run, torchrun
+
+SEQ = ["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.optimizer=adamw", "train.lr=0.01", "log.progress=false", "train.device=cpu"]
+REG = ["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.loss=mse", "train.lr=0.05", "log.progress=false", "train.device=cpu"]
+
+
+def train_inproc(run_dir, *overrides):
+    cfg = config.load(None, [f"run.dir={run_dir}", *overrides])
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(cfg, setup(cfg, DistEnv("plain")))
+    return result, torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_sequence_model_torchrun_2_equals_one_process(tmp_path):
+    """[B, T, V] logits with [B, T] targets, some ignored: token-weighted loss; 101 sequences."""
+    one, w1 = train_inproc(tmp_path / "one", *SEQ, "data.batch_size=16", "train.epochs=2")
+    p = torchrun(2, tmp_path / "two", *SEQ, "data.batch_size=8", "train.epochs=2")
+    assert p.returncode == 0, output(p)
+    w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    assert max_diff(w1, w2) <= 1e-5
+    rec = read_metrics(tmp_path / "two")[-1]
+    assert rec["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+    assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5)
+    assert rec["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-9)
+    assert "eval_accuracy" in rec and one["eval_samples"] == 101
+
+
+def test_sequence_model_learns_and_accuracy_is_per_token(tmp_path):
+    result, _ = train_inproc(tmp_path, *SEQ, "data.batch_size=8", "train.epochs=12", "train.lr=0.02")
+    assert result["eval_accuracy"] > 0.8, result
+    assert result["eval_loss"] < 1.0
+
+
+def test_regression_with_mse_learns_and_reports_no_accuracy(tmp_path):
+    result, w = train_inproc(tmp_path, *REG, "data.batch_size=16", "train.epochs=15")
+    assert "eval_accuracy" not in result
+    assert result["eval_loss"] < 0.1, result  # the targets' variance is about 14
+    assert torch.allclose(w["lin.weight"], torch.tensor([[1.0, -2.0, 0.5, 0.0, 3.0]]), atol=0.1)
+
+
+def test_custom_loss_by_import_path_equals_the_builtin_it_spells_out(tmp_path):
+    builtin, wb = train_inproc(tmp_path / "mse", *REG, "train.epochs=2")
+    custom, wc = train_inproc(tmp_path / "fn", *REG, "train.epochs=2", "train.loss=tests.user_code:squared_error")
+    assert max_diff(wb, wc) <= 1e-6
+    assert custom["eval_loss"] == pytest.approx(builtin["eval_loss"], rel=1e-6)
+
+
+def test_a_models_own_loss_is_used(tmp_path):
+    """OwnLoss.loss(batch) returns (sum of |error|, count): the same as train.loss=l1 on that model."""
+    own, wo = train_inproc(tmp_path / "own", *REG, "model.name=tests.user_code:OwnLoss", "train.epochs=3")
+    l1, wl = train_inproc(tmp_path / "l1", *REG, "train.loss=l1", "train.epochs=3")
+    assert "eval_accuracy" not in own and max_diff(wo, wl) <= 1e-6
+    assert own["eval_loss"] == pytest.approx(l1["eval_loss"], rel=1e-6) and own["eval_loss"] < own["train_loss"] * 1.5
+
+
+def test_dict_batch_with_two_inputs(tmp_path):
+    result, w = train_inproc(
+        tmp_path, "model.name=tests.user_code:TwoInputs", "data.name=tests.user_code:DictBlobs",
+        "data.batch_size=8", "train.epochs=8", "train.lr=0.3", "log.progress=false", "train.device=cpu",
+    )
+    assert result["eval_samples"] == 97 and result["eval_accuracy"] > 0.8
+    assert w["a.weight"].shape == (8, 4) and w["b.weight"].shape == (8, 2)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    # the issue's regression without train.loss=mse: float targets and one logit
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression"], "train.loss=cross_entropy needs integer class targets"),
+    (["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.loss=mse"], "same shape, got model output [2, 10, 12] and target [2, 10]"),
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Tokens"], "RuntimeError: mat1 and mat2 must have the same dtype"),
+    (["model.name=tests.user_code:Linear1", "model.kwargs={features: 6}", "data.name=tests.user_code:Blobs"], "over a single logit is always 0"),
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "data.kwargs={shape: flat}", "train.loss=mse"], "model output [2, 1] and target [2]"),
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Triples", "train.loss=mse"], "an item must be (inputs, target) or a dict"),
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.loss=tests.user_code:nope"], "has no 'nope'"),
+])
+def test_misfits_are_one_line_before_anything_is_written(tmp_path, overrides, needle):
+    with pytest.raises(UserError) as e:
+        train_inproc(tmp_path / "run", "log.progress=false", "train.device=cpu", *overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_regression_without_mse_is_refused_from_the_command_line(tmp_path):
+    p = run([PY, "train_single.py", "model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.device=cpu", f"run.dir={tmp_path / 'r'}"], timeout=60)
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs integer class targets" in lines[0] and "train.loss=mse" in lines[0], output(p)
+    assert not (tmp_path / "r").exists()
