@@ -54,7 +54,7 @@ def train_epoch(run: Run) -> tuple[LossTally, int, bool]:
     n_steps = -(-n_micro // accum)
     tally = LossTally(rt.device, s.epoch_loss_sum, s.epoch_loss_count)
     s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
-    batches = iter(run.train_feed.train_epoch(cfg.train.seed, s.epoch, start_at))
+    batches = iter(run.train_feed.train_epoch(cfg.train.seed, s.epoch, start_at, getattr(run.step, "wants_indices", False)))
     bar = progress_bar(n_steps, f"epoch {s.epoch}", cfg.log.progress, rt.env.is_main)
     run.epoch_started = time.perf_counter()
     save_at_end = False
@@ -76,7 +76,7 @@ def train_epoch(run: Run) -> tuple[LossTally, int, bool]:
         elif due or s.step % cfg.train.check_every_steps == 0:
             checkpoint_mid_epoch(run, tally, due)
         if cfg.log.every_steps and s.step % cfg.log.every_steps == 0:
-            run.metrics.write({"epoch": s.epoch, "step": s.step, "train_loss_step": run.step.last_loss(), "lr": run.scheduler.get_last_lr()[0]})
+            run.metrics.write({"epoch": s.epoch, "step": s.step, "train_loss_step": run.step.eager_step.last_loss(), "lr": float(run.scheduler.get_last_lr()[0])})
     for _ in batches:  # a DataLoader iterator must run to its end, or its workers keep the epoch open
         pass
     if bar is not None:
@@ -112,7 +112,7 @@ def finish_epoch(run: Run, tally: LossTally, seen: int, save_at_end: bool) -> di
     record.update(
         samples_per_s=float(totals[2]) / max(epoch_time, 1e-9),
         elapsed_s=time.perf_counter() - run.started,
-        lr=run.scheduler.get_last_lr()[0],
+        lr=float(run.scheduler.get_last_lr()[0]),
         world_size=rt.env.world_size,
         **run.resources.figures(),
     )

@@ -8,7 +8,8 @@ import math
 import torch
 
 
-def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """capturable: AdamW keeps its step counters on the device, so a CUDA graph can hold its update."""
     t = cfg.train
     params = list(params)
     # On CUDA the fused kernels update every tensor in one launch (fewer launches per step
@@ -16,7 +17,7 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     # comparable with a hand-written loop.
     fused = True if params and all(p.is_cuda for p in params) else None
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused, **({"capturable": True} if capturable else {}))
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from launch import checkpoint, config as config_mod, rundir, state as state_mod
+from launch import checkpoint, config as config_mod, graph_step, rundir, state as state_mod
 from launch.data.build import build_data
 from launch.data.feeder import Feeder
 from launch.data.order import steps_per_epoch
@@ -89,7 +89,8 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     rundir.check_usable(cfg.run_dir)
     data, bare, task, feeds = _build(cfg, rt)
     per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
-    optimizer = make_optimizer(cfg, bare.parameters())
+    graphs, graph_note = graph_step.decide(cfg, rt, feeds[0].in_memory, sum(p.numel() for p in bare.parameters()))
+    optimizer = make_optimizer(cfg, bare.parameters(), capturable=graphs and rt.device.type == "cuda")
     parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, per_epoch * cfg.train.epochs), make_scaler(cfg, rt.device))
     resumed_from, ckpt = state_mod.choose_resume(cfg, say)
     state = TrainState()
@@ -99,6 +100,10 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     _open_run_dir(run, resumed_from, ckpt)
     module = _wrap(cfg, rt, TrainingModule(bare, task))
     run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler)
+    if graphs:
+        run.step = graph_step.GraphedStep(run.step, run.train_feed)
+    if graph_note:
+        say(graph_note)
     run.resources = ResourceMeter(rt)
     if cfg.log.tensorboard and rt.env.is_main:  # the norm at each epoch's last optimizer step, for TensorBoard
         rest = len(data.train) - min(state.samples_in_epoch, len(data.train))

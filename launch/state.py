@@ -39,10 +39,20 @@ class Trainables:
     scaler: Optional[object]
 
 
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state_dict with plain-float learning rates (a CUDA-graph run keeps them as
+    device tensors), so any run can resume it."""
+    sd = optimizer.state_dict()
+    for group in sd["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return sd
+
+
 def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict) -> dict:
     return {
         "model": clean_state_dict(t.model.state_dict()),
-        "optimizer": t.optimizer.state_dict(),
+        "optimizer": optimizer_state(t.optimizer),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "epoch": s.epoch,

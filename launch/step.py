@@ -87,6 +87,7 @@ class TrainStep:
         self.amp = contextlib.nullcontext() if cfg.train.precision == "fp32" else None
         self.nominal = self.k * cfg.data.batch_size * cfg.train.accum_steps * task.per_sample  # elements of a full step
         self.last = (0.0, 1)
+        self.eager_step = self  # GraphedStep has its eager TrainStep here too
 
     def __call__(self, batches: Iterator, n_micro: int, global_samples: int, tally: LossTally, poison: bool = False) -> None:
         """One optimizer step over the next `n_micro` micro-batches, which hold `global_samples` samples on all ranks together."""

@@ -76,6 +76,7 @@ def _train(t) -> None:
     _positive("train.check_every_steps", t.check_every_steps)
     if t.loss not in BUILTIN_LOSSES and ":" not in t.loss:
         raise UserError(f"train.loss: must be one of {', '.join(BUILTIN_LOSSES)} or an import path 'pkg.module:fn', got '{t.loss}'")
+    t.cuda_graphs = {"true": "on", "false": "off"}.get(t.cuda_graphs, t.cuda_graphs)  # YAML reads on/off as booleans
     _choice("train.cuda_graphs", t.cuda_graphs, ("auto", "on", "off"))
 
 

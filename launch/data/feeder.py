@@ -66,19 +66,23 @@ class Feeder:
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         return tree_map(move, inputs), move(target)
 
-    def _batches(self, indices: torch.Tensor, sizes: list[int]) -> Iterator[tuple]:
+    def select(self, idx: torch.Tensor) -> tuple:
+        """(inputs, target) of in-memory samples `idx` (a device tensor): one index-select per tensor."""
+        return tree_map(lambda t: t.index_select(0, idx), self.x), self.y.index_select(0, idx)
+
+    def _batches(self, indices: torch.Tensor, sizes: list[int], as_indices: bool = False) -> Iterator[tuple]:
         """Batches of `indices` split into `sizes` (one copy of the indices to the device)."""
         if self.loader is None:
             for chunk in indices.to(self.device, non_blocking=True).split(sizes):
-                yield tree_map(lambda t: t.index_select(0, chunk), self.x), self.y.index_select(0, chunk)
+                yield (chunk,) if as_indices else self.select(chunk)
         else:
             self.sampler.batches = [c.tolist() for c in indices.split(sizes)]
             for batch in self.loader:
                 yield self._to_device(batch)
 
-    def train_epoch(self, seed: int, epoch: int, start: int = 0) -> Iterator[tuple]:
-        """(inputs, target, n) for each of this rank's micro-steps from global position `start`.
-        Every rank yields the same number of micro-steps."""
+    def train_epoch(self, seed: int, epoch: int, start: int = 0, as_indices: bool = False) -> Iterator[tuple]:
+        """(inputs, target, n) for each of this rank's micro-steps from global position `start`
+        ((indices, n) with as_indices, for in-memory data). Every rank yields the same number of micro-steps."""
         perm = epoch_permutation(self.n, seed, epoch)[min(start, self.n):]
         k, b = self.world_size, self.batch_size
         full = len(perm) // (k * b)  # micro-steps in which every rank gets b samples
@@ -91,8 +95,8 @@ class Feeder:
             # sample; the loop gives it weight 0, so it adds exactly nothing to the gradient.
             parts.append(mine if len(mine) else tail[:1])
         sizes = [max(n, 1) for n in real]
-        for (inputs, target), n in zip(self._batches(torch.cat(parts), sizes), real):
-            yield inputs, target, n
+        for batch, n in zip(self._batches(torch.cat(parts), sizes, as_indices), real):
+            yield (*batch, n)
 
     def eval_batches(self) -> Iterator[tuple]:
         """(inputs, target) of this rank's share of the split, each sample on exactly one rank."""
