@@ -180,3 +180,48 @@ def test_stop_and_resume_with_accumulation_is_bitwise(tmp_path, monkeypatch):
     for k in wref:
         assert torch.equal(wagain[k], wref[k]), k
     assert [r["train_loss"] for r in read_metrics(tmp_path / "run")] == [r["train_loss"] for r in read_metrics(tmp_path / "ref")]
+
+
+def test_profiler_writes_traces_and_leaves_results_unchanged(tmp_path):
+    import json
+
+    plain, wplain = run_inproc(tmp_path / "plain", "train.epochs=1")
+    cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'prof'}", "train.device=cpu", "train.epochs=1", "log.profile_steps=3:5"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train(cfg, setup(cfg, DistEnv("plain")))
+    wprof = torch.load(tmp_path / "prof" / "model.pt")
+    trace = tmp_path / "prof" / "profile" / "rank0.steps3-5.pt.trace.json"
+    assert trace.is_file() and json.loads(trace.read_text())["traceEvents"]
+    assert any(line.startswith("profile: steps 3-5") and "top ops by self time: aten::" in line for line in out.getvalue().splitlines()), out.getvalue()
+    for k in wplain:
+        assert torch.equal(wplain[k], wprof[k]), k
+
+
+def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node=1 (a common single-GPU SLURM job): a process group exists, DDP does not."""
+    import torch.distributed as dist
+
+    from launch.dist import detect, teardown
+    from launch.run import start
+    from launch.step import TrainingModule
+    from launch.stopping import StopRequest
+
+    _, wplain = run_inproc(tmp_path / "plain", "train.epochs=1")
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(store.port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1").items():
+        monkeypatch.setenv(k, v)
+    cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'group'}", "train.device=cpu", "train.epochs=1"])
+    rt = setup(cfg, detect())
+    try:
+        assert rt.env.distributed and dist.is_initialized() and dist.get_world_size() == 1
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = start(cfg, rt, StopRequest(tmp_path / "STOP"))
+            assert type(run.step.module) is TrainingModule, "no DDP wrapper at world size 1"
+            train(cfg, rt)
+    finally:
+        teardown(rt)
+    wgroup = torch.load(tmp_path / "group" / "model.pt")
+    for k in wplain:
+        assert torch.equal(wplain[k], wgroup[k]), k

@@ -35,6 +35,27 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+    def construct_yaml_int(self, node):
+        # YAML 1.1 reads 3:5 as the base-60 number 185; here it stays the text (log.profile_steps=3:5).
+        return node.value if ":" in node.value else super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        return node.value if ":" in node.value else super().construct_yaml_float(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+
+
+def _yaml(text: str, name: str):
+    loader = _StrictLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -117,17 +138,13 @@ def read_yaml(path: str) -> dict:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-    loader = _StrictLoader(text)
-    loader.name = path
     try:
-        tree = loader.get_single_data()
+        tree = _yaml(text, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"invalid YAML in {path}{where}: {problem}") from None
-    finally:
-        loader.dispose()
     return tree or {}
 
 
@@ -136,7 +153,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"expected key=value, got '{text}'")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw, "the command line") if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
