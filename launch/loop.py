@@ -11,7 +11,6 @@ order in launch.data.order; stop requests and their agreement in launch.stopping
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 
@@ -19,7 +18,7 @@ import torch
 
 from launch.dist import Runtime, all_reduce_sum
 from launch.evaluate import evaluate
-from launch.logger import epoch_line, progress_bar, read_metrics
+from launch.logger import epoch_line, progress_bar
 from launch.run import Run, start
 from launch.step import LossTally
 from launch.stopping import StopRequest, agree, nonfinite, stopped

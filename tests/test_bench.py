@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from launch.bench import crossover, markdown, mlp_params, plot
+from launch.commands.bench import crossover, markdown, mlp_params, plot
 
 from tests.helpers import PY, output, run
 
@@ -17,7 +17,7 @@ def test_mlp_params_match_the_seeds_sizes():
 
 
 def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
-    p = run([PY, "-m", "launch", "bench", "--quick", "--out", str(tmp_path)], timeout=170)
+    p = run([PY, "-m", "launch", "bench", "--quick", "--devices", "cpu", "--out", str(tmp_path)], timeout=170)
     assert p.returncode == 0, output(p)
     res = json.loads((tmp_path / "bench.json").read_text())
     assert [r["scale"] for r in res["sweep"]] == [1, 2] and all(r["wall_s"]["n"] == 2 for r in res["sweep"])
@@ -55,7 +55,7 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     for r in res["sweep"][:1]:
         r.update(samples_per_s=1e4, tflops=0.005, peak_fraction=None)
     md = markdown(res)
-    assert "| 100 | 900,090,002 | cpu | | skipped: budget |" in md and "CPU 575.0 s, MPS 104.0 s" in md
+    assert "| 100 | 900,090,002 | cpu | | skipped: budget |" in md and "CPU 575.2 s, MPS 104.0 s" in md
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed")
     assert plot(res, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000

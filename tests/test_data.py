@@ -259,7 +259,7 @@ def test_predict_refuses_pickled_foreign_and_garbage_files(tmp_path):
     import pickle
 
     from launch.checkpoint import CheckpointError
-    from launch.predict import load_source
+    from launch.commands.predict import load_source
 
     # A pickled Python object (any global that is not a tensor type) must be refused, never executed.
     torch.save({"format": "launch-checkpoint/1", "model": argparse.Namespace(evil=True)}, tmp_path / "pickled.pt")
@@ -292,7 +292,7 @@ def test_missing_optional_extras_give_one_line_hints(tmp_path):
 
 
 def test_plot_helper_and_bad_run_dir(tmp_path):
-    from launch.plot import line_plot, plot_runs
+    from launch.commands.plot import line_plot, plot_runs
 
     out = line_plot({"a": ([1, 2, 3], [3, 1, 2]), "b": ([1, 2, 3], [1, 2, 3], {"linestyle": "--"})}, tmp_path / "x" / "p.png", title="t", logy=True)
     assert out.read_bytes()[:4] == b"\x89PNG"
@@ -301,7 +301,7 @@ def test_plot_helper_and_bad_run_dir(tmp_path):
 
 
 def test_subcommand_help(capsys):
-    from launch.cli import main
+    from launch.commands.cli import main
 
     for cmd, word in (("predict", "--eval"), ("plot", "RUN_DIR")):
         with pytest.raises(SystemExit) as e:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from launch import config
 from launch.data.feeder import Feeder

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.slurm import Spec, check, render
+from launch.commands.slurm import Spec, check, render
 from tests.helpers import PY, ROOT, SMALL, env, output, run
 from tests.slurm_cluster import Cluster
 

@@ -15,7 +15,6 @@ from launch.dist import DistEnv, setup
 from launch.errors import UserError
 from launch.logger import read_metrics
 from launch.loop import train
-from launch.stopping import Stopped
 from tests.helpers import PY, output, run, torchrun
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.optimizer=adamw", "train.lr=0.01", "log.progress=false", "train.device=cpu"]

@@ -13,11 +13,11 @@ import sys
 from launch.errors import UserError, fail
 
 SUBCOMMANDS = {
-    "doctor": ("launch.doctor", "print a pasteable environment report and check it for launch problems"),
-    "predict": ("launch.predict", "batched inference or eval-only from a checkpoint"),
-    "plot": ("launch.plot", "plot loss and accuracy curves of one or more run directories"),
-    "bench": ("launch.bench", "benchmark the seeds' MLP sweep, loop overhead and DDP overhead"),
-    "slurm": ("launch.slurm", "write or validate SLURM batch scripts"),
+    "doctor": ("launch.commands.doctor", "print a pasteable environment report and check it for launch problems"),
+    "predict": ("launch.commands.predict", "batched inference or eval-only from a checkpoint"),
+    "plot": ("launch.commands.plot", "plot loss and accuracy curves of one or more run directories"),
+    "bench": ("launch.commands.bench", "benchmark the seeds' MLP sweep, loop overhead and DDP overhead"),
+    "slurm": ("launch.commands.slurm", "write or validate SLURM batch scripts"),
 }
 
 
