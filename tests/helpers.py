@@ -15,7 +15,7 @@ TORCHRUN = [PY, "-m", "torch.distributed.run"]
 # A small, fast job: a few hundred samples, a small MLP, no progress bar.
 SMALL = [
     "data.n_train=384", "data.n_eval=100", "data.features=16", "model.hidden=[32,16]",
-    "data.batch_size=16", "train.epochs=2", "log.progress=false",
+    "data.batch_size=16", "train.epochs=2", "log.progress=false", "train.device=cpu",
 ]
 
 

@@ -19,7 +19,7 @@ from launch.data.build import build_data as build
 from launch.errors import UserError
 from tests.helpers import PY, ROOT, output, run
 
-SHIPPED = ["--config", "configs/breast_cancer.yaml", "ckpt.resume=never"]
+SHIPPED = ["--config", "configs/breast_cancer.yaml", "ckpt.resume=never", "train.device=cpu"]
 SHIPPED_FLOOR = 0.90  # it reaches 0.96-0.98 (single and DDP); the floor only has to catch a broken pipeline
 
 
@@ -117,7 +117,7 @@ def test_csv_string_labels_ddp_mapping_scaler_and_predict(tmp_path):
     run_dir = tmp_path / "run"
     p = run([PY, "train_ddp.py", "--nproc", "2", f"run.dir={run_dir}", "data.name=csv", f"data.path={data}", "data.target=species",
              "data.ignore=[id]", "data.val_fraction=0.25", "data.seed=7", "model.hidden=[16]", "data.batch_size=16",
-             "train.epochs=4"])
+             "train.epochs=4", "train.device=cpu"])
     assert p.returncode == 0, output(p)
     state = latest_checkpoint(run_dir)["data_state"]  # loads with weights_only=True: plain types only
     assert state["class_names"] == ["ant", "bee", "cat"] and state["target"] == "species"
@@ -185,7 +185,7 @@ def test_csv_bad_input_names_file_and_column(tmp_path, content, extra, expect):
 def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("a,b,y\n1,2,x\n3,4,z\n")
-    line = one_error_line(run([PY, "train_single.py", "data.name=csv", f"data.path={f}", "data.target=label", f"run.dir={tmp_path / 'r'}"]))
+    line = one_error_line(run([PY, "train_single.py", "data.name=csv", f"data.path={f}", "data.target=label", f"run.dir={tmp_path / 'r'}", "train.device=cpu"]))
     assert str(f) in line and "'label'" in line
     assert not (tmp_path / "r").exists()  # nothing written
 

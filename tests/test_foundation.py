@@ -228,7 +228,7 @@ def test_every_field_has_a_docstring():
 @pytest.mark.parametrize("script", ["train_single.py", "train_ddp.py"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, script):
     extra = ["--nproc", "2"] if script == "train_ddp.py" else []
-    p = run([PY, script, *extra, f"run.dir={tmp_path / 'r'}", *args], timeout=30)
+    p = run([PY, script, *extra, f"run.dir={tmp_path / 'r'}", *args], timeout=30, CUDA_VISIBLE_DEVICES="")  # as on a machine without a GPU
     assert p.returncode == 2, output(p)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], output(p)
@@ -246,7 +246,7 @@ def _train_in_process(tmp_path, *overrides):
     from launch import dist as dist_mod
     from launch.loop import train
 
-    cfg = config.load(None, [f"run.dir={tmp_path}", "log.progress=false", *overrides])
+    cfg = config.load(None, [f"run.dir={tmp_path}", "log.progress=false", "train.device=cpu", *overrides])
     rt = dist_mod.setup(cfg, dist_mod.DistEnv("plain"))
     return train(cfg, rt)
 
