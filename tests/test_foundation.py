@@ -237,9 +237,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, script):
 
 
 def test_readme_config_reference_is_current():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     block = readme.split("<!-- config-reference:start (regenerate: python -m launch.config) -->\n")[1].split("\n<!-- config-reference:end -->")[0]
-    assert block == config.reference_markdown(), "README's config reference is stale: python -m launch.config"
+    assert block == config.reference_markdown(), "docs/config.md is stale: python -m launch.config"
 
 
 def _train_in_process(tmp_path, *overrides):
