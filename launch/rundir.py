@@ -1,4 +1,8 @@
-"""One writer per run directory (placeholder API; the full version lands with the field branch)."""
+"""The run directory's own checks, before anything is written into it.
+
+Not yet here (issue 12, open): one writer at a time. `lock` only creates the directory today; a
+second job on a live run directory is not refused yet.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from launch.errors import UserError
 
 
 def check_usable(run_dir: Path) -> None:
+    """Read-only: the run directory must not be a file."""
     if Path(run_dir).is_file():
         raise UserError(f"run.dir {run_dir} exists and is a file")
 
