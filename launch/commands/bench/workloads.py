@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import math
 import statistics
 import tempfile
 import time
@@ -114,7 +115,7 @@ def _patched(module, **attrs):
             setattr(module, k, v)
 
 
-def _workload(cfg_path, overrides, device):
+def workload(cfg_path, overrides, device):
     """The same data, initial weights and hyper-parameters launch.loop.train would use."""
     from launch import config
     from launch.data.build import build_data as build
@@ -133,7 +134,7 @@ def bare(cfg_path, overrides: list[str], device: str) -> dict:
     from launch.data.order import epoch_permutation
 
     dev = torch.device(device)
-    cfg, x, y, model = _workload(cfg_path, overrides, dev)
+    cfg, x, y, model = workload(cfg_path, overrides, dev)
     x, y = x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     b, n, times = cfg.data.batch_size, len(y), []
@@ -157,7 +158,7 @@ def seed_loop(cfg_path, overrides: list[str], device: str) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     dev = torch.device(device)
-    cfg, x, y, model = _workload(cfg_path, overrides, dev)
+    cfg, x, y, model = workload(cfg_path, overrides, dev)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.data.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     times = []
@@ -171,6 +172,15 @@ def seed_loop(cfg_path, overrides: list[str], device: str) -> dict:
         sync(dev)
         times.append(time.perf_counter() - t0)
     return {"epochs": times}
+
+
+def our_bare_and_seed_loops(cfg_path, device: str) -> dict:
+    """The three loops every comparison times: ours, the bare loop and the seeds' DataLoader loop."""
+    return {
+        "launch": lambda o: ours(cfg_path, o, device),
+        "bare": lambda o: bare(cfg_path, o, device),
+        "seed_dataloader": lambda o: seed_loop(cfg_path, o, device),
+    }
 
 
 def repeat(variants: dict, reps: int, timed: list[str], warmup: list[str] | None) -> dict[str, dict]:
@@ -189,3 +199,21 @@ def repeat(variants: dict, reps: int, timed: list[str], warmup: list[str] | None
             totals[name].append(sum(out["epochs"]))
             first.setdefault(name, out)
     return {name: {**stats(totals[name]), "first": first[name]} for name in names}
+
+
+def loop_table(res: dict[str, dict], cfg_path, overrides: list[str], epochs: int) -> dict[str, dict]:
+    """`repeat`'s result as the bench reports it: per loop, the stats, ms per step and the ratio
+    to the bare loop (the first run's raw result is dropped; our loop keeps its whole call's wall)."""
+    from launch import config
+
+    cfg = config.load(str(cfg_path), overrides)
+    steps = math.ceil(cfg.data.n_train / cfg.data.batch_size) * epochs
+    loops = {}
+    for name, r in res.items():
+        first = r.pop("first")
+        r["ms_per_step"] = 1000 * r["median"] / steps
+        r["vs_bare"] = r["median"] / res["bare"]["median"]
+        if name == "launch":
+            r["train_call_wall_s"] = first["wall"]  # the whole train() call of the first timed run: setup, eval, checkpoints too
+        loops[name] = r
+    return loops
