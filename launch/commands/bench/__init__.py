@@ -59,11 +59,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from launch.stopping import Stopped
+    from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
 
     try:
         return _run(args)
-    except Stopped as e:  # Ctrl-C / SIGTERM reach the in-process training loop, which stops at its next agreement
+    except Exception as e:  # the in-process training loop stopped on purpose: Ctrl-C / SIGTERM, or a non-finite loss
+        if getattr(e, "code", None) not in (EXIT_STOPPED, EXIT_NONFINITE):
+            raise
         print(f"bench interrupted: {e}", file=sys.stderr)
         return e.code
 

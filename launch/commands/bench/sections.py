@@ -22,7 +22,6 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
     predicted cost (time grows at most in proportion to the parameter count) would not fit is
     run with fewer repetitions, or skipped with the reason recorded."""
     from launch.errors import EXIT_NONFINITE
-    from launch.stopping import Stopped
 
     rows, spent, last = [], 0.0, None
     dev = torch.device(device)
@@ -40,9 +39,9 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
                 continue
         t0 = time.perf_counter()
         try:
-            res = repeat({"ours": lambda o: ours(cfg_path, o, device, write_checkpoints=False)}, n_reps, ov, warm(cfg_path, scale))["ours"]
-        except Stopped as e:  # a diverging workload is reported, not timed
-            if e.code != EXIT_NONFINITE:
+            res = repeat({"ours": lambda o: ours(cfg_path, o, device, keep_weights=False)}, n_reps, ov, warm(cfg_path, scale))["ours"]
+        except Exception as e:  # a diverging workload (the loop stops with EXIT_NONFINITE) is reported, not timed
+            if getattr(e, "code", None) != EXIT_NONFINITE:
                 raise
             rows.append({"scale": scale, "params": params, "device": device, "skipped": str(e)})
             say(f"  {device} scale {scale}: {e}")
@@ -81,7 +80,7 @@ def big_batch(cfg_path, device: str, scale: int, batch: int, reps: int) -> dict:
     """bf16 autocast at a large batch: how close our loop gets to the device's limit.
     4 steps per epoch; the first epoch is the warm-up, the next `reps` are the repetitions."""
     ov = [*scale_overrides(cfg_path, scale), "train.precision=bf16", f"data.batch_size={batch}", f"data.n_train={4 * batch}", f"train.epochs={1 + reps}", "data.n_eval=16"]
-    out = ours(cfg_path, ov, device, write_checkpoints=False)
+    out = ours(cfg_path, ov, device, keep_weights=False)
     per_epoch = stats(out["epochs"][1:])
     sps = 4 * batch / per_epoch["median"]
     tflops = 6 * mlp_params(scale) * sps / 1e12

@@ -79,9 +79,11 @@ def peak_tflops(device: torch.device, precision: str):
 # --------------------------------------------------------------------------- the loops compared
 
 
-def ours(cfg_path, overrides: list[str], device: str, write_checkpoints: bool = True) -> dict:
-    """One run of the real launch.loop.train in this process; returns its epoch times (s)."""
-    from launch import checkpoint, config
+def ours(cfg_path, overrides: list[str], device: str, keep_weights: bool = True) -> dict:
+    """One run of the real launch.loop.train in this process; returns its epoch times (s), and with
+    `keep_weights` its final weights (model.pt). The run's final checkpoint is written as always,
+    after the last timed epoch, into a temporary directory removed afterwards."""
+    from launch import config
     from launch.dist import DistEnv, setup
     from launch.logger import read_metrics
     from launch.loop import train
@@ -89,34 +91,30 @@ def ours(cfg_path, overrides: list[str], device: str, write_checkpoints: bool = 
     with tempfile.TemporaryDirectory(prefix="launch-bench-") as tmp:
         cfg = config.load(str(cfg_path), [*overrides, f"run.dir={tmp}", f"train.device={device}", "ckpt.resume=never", "ckpt.every_epochs=0", "log.progress=false"])
         rt = setup(cfg, DistEnv("plain"))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-            if not write_checkpoints:  # multi-GB final checkpoints of big models: written after the timing, and not needed here
-                stack.enter_context(_patched(checkpoint, save=lambda *a, **k: Path(tmp) / "skipped", atomic_write=lambda *a, **k: None))
+        with contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
             train(cfg, rt)
             wall = time.perf_counter() - t0
         records = read_metrics(Path(tmp))
         n = cfg.data.n_train
-        weights = torch.load(Path(tmp) / "model.pt", map_location="cpu") if write_checkpoints else None
+        weights = torch.load(Path(tmp) / "model.pt", map_location="cpu") if keep_weights else None
     # samples_per_s is the loop's own clock: samples seen in the epoch / (epoch start -> end-of-epoch agreement).
     return {"epochs": [n / r["samples_per_s"] for r in records], "wall": wall, "weights": weights}
 
 
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    saved = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order our loop documents (launch/data/order.py): DistributedSampler's shuffle,
+    randperm(n) seeded with seed + epoch. Should the loop's order change, the overhead section's
+    bitwise weight comparison says so."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
 
 
 def workload(cfg_path, overrides, device):
-    """The same data, initial weights and hyper-parameters launch.loop.train would use."""
+    """The same data, initial weights and hyper-parameters launch.loop.train would use. The one
+    place the bench reaches past the core's public surface (launch.config, launch.loop.train):
+    launch.data.build and launch.model build them exactly as the loop does."""
     from launch import config
     from launch.data.build import build_data as build
     from launch.model import build_model
@@ -131,8 +129,6 @@ def workload(cfg_path, overrides, device):
 def bare(cfg_path, overrides: list[str], device: str) -> dict:
     """A minimal hand-written loop: data on the device, one shuffled index slice per batch.
     It visits samples in the same order as our loop (so final weights must agree)."""
-    from launch.data.order import epoch_permutation
-
     dev = torch.device(device)
     cfg, x, y, model = workload(cfg_path, overrides, dev)
     x, y = x.to(dev), y.to(dev)
