@@ -106,4 +106,5 @@ def _loop_series(comparisons: list[dict]) -> dict:
     for o in comparisons:
         for name, r in o["loops"].items():
             points.setdefault(f"{name} ({o['device']})", {}).setdefault(o["params"], r["median"])
-    return {label: tuple(zip(*sorted(pts.items()))) for label, pts in points.items()}
+    # measured at a few sizes only: points joined by a dotted guide, not a curve
+    return {label: (*zip(*sorted(pts.items())), {"linestyle": ":", "markersize": 5}) for label, pts in points.items()}
