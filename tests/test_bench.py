@@ -8,6 +8,8 @@ import json
 import pytest
 
 from launch.commands.bench import crossover, markdown, mlp_params, plot
+from launch.commands.bench import peers as peers_mod
+from launch.commands.bench.workloads import SWEEP_CONFIG
 
 from tests.helpers import PY, output, run
 
@@ -30,6 +32,12 @@ def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
     assert res["big_batch"][0]["tflops"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "| 1 | cpu | launch |" in md and "x bare loop" in md
+    # Peers are optional: each is either timed next to our loop or recorded as not installed.
+    peer_run = res["peers"][0]
+    assert set(peer_run["loops"]) >= {"launch", "bare", "seed_dataloader"} and set(peer_run["peers"]) == {"lightning", "accelerate"}
+    for peer, state in peer_run["peers"].items():
+        assert (peer in peer_run["loops"]) == (state != "not installed" and not state.startswith("failed")), (peer, state)
+    assert "### Peers" in md
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "bench.png").stat().st_size > 1000
 
@@ -59,3 +67,45 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed")
     assert plot(res, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _block_peers(monkeypatch):
+    """Make every peer package fail to import, as where none is installed."""
+    import sys
+
+    for name in ("lightning", "pytorch_lightning", "accelerate"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+
+
+def test_peers_not_installed_are_recorded_and_the_comparison_goes_on(monkeypatch, tmp_path):
+    _block_peers(monkeypatch)
+    said = []
+    out = peers_mod.peer_comparison(SWEEP_CONFIG, 1, "cpu", reps=1, epochs=1, say=said.append)
+    assert out["peers"] == {"lightning": "not installed", "accelerate": "not installed"}
+    assert set(out["loops"]) == {"launch", "bare", "seed_dataloader"}
+    assert all(r["n"] == 1 and r["median"] > 0 for r in out["loops"].values())
+    assert len([line for line in said if "not installed" in line]) == 2  # one line each
+    res = {"environment": {"date": "d", "cpu": "c", "threads": 1, "torch": "t", "gpu": None}, "config": {"epochs": 1}, "peers": [out]}
+    md = markdown(res)
+    assert "| 1 | cpu | seed_dataloader |" in md and "lightning: not installed; accelerate: not installed" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert plot(res, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_peer_that_fails_is_recorded_as_failed(monkeypatch):
+    _block_peers(monkeypatch)
+    monkeypatch.setattr(peers_mod, "find", lambda peer: object() if peer == "lightning" else None)
+    monkeypatch.setitem(peers_mod.LOOPS, "lightning", lambda *a: 1 / 0)
+    out = peers_mod.peer_comparison(SWEEP_CONFIG, 1, "cpu", reps=1, epochs=1, say=lambda msg: None)
+    assert out["peers"]["lightning"].startswith("failed: ZeroDivisionError") and "lightning" not in out["loops"]
+
+
+@pytest.mark.parametrize("peer", ["lightning", "accelerate"])
+def test_an_installed_peer_trains_the_seeds_workload(peer):
+    module = peers_mod.find(peer)
+    if module is None:
+        pytest.skip(f"{peer} is not installed (optional: pip install -e '.[bench]')")
+    from launch.commands.bench.workloads import scale_overrides
+
+    out = peers_mod.LOOPS[peer](SWEEP_CONFIG, [*scale_overrides(SWEEP_CONFIG, 1), "train.epochs=2"], "cpu", module)
+    assert len(out["epochs"]) == 2 and all(t > 0 for t in out["epochs"])

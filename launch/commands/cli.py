@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "doctor": ("launch.commands.doctor", "print a pasteable environment report and check it for launch problems"),
     "predict": ("launch.commands.predict", "batched inference or eval-only from a checkpoint"),
     "plot": ("launch.commands.plot", "plot loss and accuracy curves of one or more run directories"),
-    "bench": ("launch.commands.bench", "benchmark the seeds' MLP sweep, loop overhead and DDP overhead"),
+    "bench": ("launch.commands.bench", "benchmark the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate) and DDP overhead"),
     "slurm": ("launch.commands.slurm", "write or validate SLURM batch scripts"),
 }
 

@@ -1,4 +1,4 @@
-"""`launch bench`: the seeds' MLP sweep, loop overhead and DDP overhead -> bench.json, bench.md, bench.png.
+"""`launch bench`: the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate) and DDP overhead -> bench.json, bench.md, bench.png.
 
 What is timed, everywhere: the training epochs only (data iteration, forward, backward, optimizer
 step, and for our loop its per-step bookkeeping and periodic agreement), never process start-up,
@@ -23,11 +23,24 @@ import torch
 
 from launch.commands.bench.report import markdown, plot
 from launch.commands.bench.workloads import SEED_SCALES, SWEEP_CONFIG, mlp_params
+from launch.commands.bench.peers import peer_comparison
 from launch.commands.bench.sections import big_batch, crossover, ddp_world1, ddp_world2_cpu, overhead, sweep
+
+SECTIONS = ("sweep", "big", "overhead", "peers", "ddp")
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _sections(text: str) -> list[str]:
+    import argparse
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section {', '.join(unknown)} (any of {','.join(SECTIONS)})")
+    return names
 
 
 def add_arguments(p) -> None:
@@ -35,22 +48,24 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke test in well under a minute: tiny scales, 1-2 epochs, 2 repetitions; numbers are not meaningful")
     p.add_argument("--scales", type=_ints, help=f"sweep scales (default: the seeds' nine, {','.join(map(str, SEED_SCALES))}; trimmed by --budget-s on the CPU)")
     p.add_argument("--devices", help="comma-separated devices (default: cpu plus cuda or mps when present)")
-    p.add_argument("--sections", default="sweep,big,overhead,ddp", help="any of sweep,big,overhead,ddp (default: all)")
+    p.add_argument("--sections", type=_sections, default=list(SECTIONS), help=f"any of {','.join(SECTIONS)} (default: all); peers times PyTorch Lightning and Hugging Face Accelerate where installed")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each overhead/DDP measurement after one warm-up (default 5; the sweep uses min(3, reps))")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10, the seeds')")
     p.add_argument("--budget-s", type=float, default=300.0, help="time budget of the CPU sweep in seconds (default 300)")
-    p.add_argument("--overhead-scales", type=_ints, help="scales for the overhead and DDP comparisons (default 1,5; on an accelerator also 100)")
+    p.add_argument("--overhead-scales", type=_ints, help="scales for the overhead, peers and DDP comparisons (default 1,5; on an accelerator also 100)")
     p.add_argument("--big-batch", type=int, help="batch of the bf16 large-batch run (default 8192 on an accelerator, 256 on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time train.compile=true (reduce-overhead on CUDA); on by default on CUDA")
     p.add_argument("--config", default=str(SWEEP_CONFIG), help="the workload at scale 1 (default configs/scale_sweep.yaml)")
 
 
 def run(args) -> int:
-    from launch.stopping import Stopped
+    from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
 
     try:
         return _run(args)
-    except Stopped as e:  # Ctrl-C / SIGTERM reach the in-process training loop, which stops at its next agreement
+    except Exception as e:  # the in-process training loop stopped on purpose: Ctrl-C / SIGTERM, or a non-finite loss
+        if getattr(e, "code", None) not in (EXIT_STOPPED, EXIT_NONFINITE):
+            raise
         print(f"bench interrupted: {e}", file=sys.stderr)
         return e.code
 
@@ -62,7 +77,7 @@ def _run(args) -> int:
         raise UserError(f"--config {args.config}: not found (the seeds' workload is configs/scale_sweep.yaml in the source tree)")
     accel = "cuda" if torch.cuda.is_available() else ("mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else None)
     devices = args.devices.split(",") if args.devices else ["cpu"] + ([accel] if accel else [])
-    sections = set(args.sections.split(","))
+    sections = set(args.sections)
     if args.quick:
         scales, over_scales, epochs, reps, sweep_reps = args.scales or [1, 2], args.overhead_scales or [1], 2, 2, 2
     else:
@@ -92,28 +107,38 @@ def _run(args) -> int:
             batch = args.big_batch or (64 if args.quick else (8192 if dev != "cpu" else 256))
             say(f"large-batch bf16 on {dev}: scale {scale}, batch {batch}")
             res["big_batch"].append(big_batch(args.config, dev, scale, batch, 2 if args.quick else 3))
-    if "overhead" in sections or "ddp" in sections:
-        res["overhead"], res["ddp"] = [], []
-        for dev in devices:
-            dev_scales = over_scales or ([1, 5] if dev == "cpu" else [1, 100])
-            for scale in dev_scales:
-                if "overhead" in sections:
-                    say(f"overhead on {dev}, scale {scale} ({mlp_params(scale):,} parameters)")
-                    res["overhead"].append(overhead(args.config, scale, dev, reps, epochs, args.compile or dev == "cuda"))
-                if "ddp" in sections:
-                    say(f"DDP world size 1 vs none on {dev}, scale {scale}")
-                    res["ddp"].append(ddp_world1(args.config, scale, dev, reps, epochs))
-            if "ddp" in sections and dev == "cpu":
-                for scale in dev_scales:
-                    say(f"2 gloo processes vs 1 on the CPU, scale {scale}")
-                    res["ddp"].append(ddp_world2_cpu(args.config, scale, 1 if args.quick else min(3, reps), 1 if args.quick else epochs, warmup=not args.quick))
+    if sections & {"overhead", "peers", "ddp"}:
+        _comparisons(args, res, sections, devices, over_scales, reps, epochs, say)
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (out_dir / "bench.md").write_text(md + "\n")
-    plotted = plot(res, out_dir / "bench.png") if res.get("sweep") else False
+    plotted = plot(res, out_dir / "bench.png") if any(res.get(k) for k in ("sweep", "overhead", "peers")) else False
     say("\n" + md)
     say(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + (f", {out_dir / 'bench.png'}" if plotted else ""))
     return 0
+
+
+def _comparisons(args, res: dict, sections: set, devices: list[str], over_scales, reps: int, epochs: int, say) -> None:
+    """The loop comparisons at a few scales per device: overhead, peers, DDP."""
+    for key in ("overhead", "peers", "ddp"):
+        if key in sections:
+            res[key] = []
+    for dev in devices:
+        dev_scales = over_scales or ([1, 5] if dev == "cpu" else [1, 100])
+        for scale in dev_scales:
+            if "overhead" in sections:
+                say(f"overhead on {dev}, scale {scale} ({mlp_params(scale):,} parameters)")
+                res["overhead"].append(overhead(args.config, scale, dev, reps, epochs, args.compile or dev == "cuda"))
+            if "peers" in sections:
+                say(f"peers on {dev}, scale {scale}: our loop, the bare loop, the seeds' DataLoader loop, Lightning, Accelerate")
+                res["peers"].append(peer_comparison(args.config, scale, dev, reps, epochs, say))
+            if "ddp" in sections:
+                say(f"DDP world size 1 vs none on {dev}, scale {scale}")
+                res["ddp"].append(ddp_world1(args.config, scale, dev, reps, epochs))
+        if "ddp" in sections and dev == "cpu":
+            for scale in dev_scales:
+                say(f"2 gloo processes vs 1 on the CPU, scale {scale}")
+                res["ddp"].append(ddp_world2_cpu(args.config, scale, 1 if args.quick else min(3, reps), 1 if args.quick else epochs, warmup=not args.quick))
 
 
 def _cpu_name() -> str:

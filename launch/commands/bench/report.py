@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
 from launch.commands.bench.workloads import SEEDS, SEEDS_CROSSOVER, mlp_params
-
-
 
 
 def _span(s: dict, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}] (n={s['n']})"
+
+
+def _loops_table(comparisons: list[dict]) -> list[str]:
+    lines = ["| scale | device | loop | train s: median [min, max] | ms/step | x bare loop |", "|---:|---|---|---|---:|---:|"]
+    for o in comparisons:
+        for name, r in o["loops"].items():
+            lines.append(f"| {o['scale']} | {o['device']} | {name} | {_span(r)} | {r['ms_per_step']:.3f} | **{r['vs_bare']:.3f}** |")
+    return lines
 
 
 def markdown(res: dict) -> str:
@@ -37,13 +44,14 @@ def markdown(res: dict) -> str:
         lines += [f"Large-batch bf16 ({b['device']}, scale {b['scale']}, {b['params']:,} parameters, batch {b['batch']}): epoch {_span(b['epoch_s'])} s, "
                   f"{b['samples_per_s']:,.0f} samples/s, {b['tflops']:.3f} TFLOP/s{frac}.", ""]
     if res.get("overhead"):
-        lines += ["### Loop overhead (same model, data, seed and device; training epochs only)", "",
-                  "| scale | device | loop | train s: median [min, max] | ms/step | x bare loop |", "|---:|---|---|---|---:|---:|"]
-        for o in res["overhead"]:
-            for name, r in o["loops"].items():
-                lines.append(f"| {o['scale']} | {o['device']} | {name} | {_span(r)} | {r['ms_per_step']:.3f} | **{r['vs_bare']:.3f}** |")
+        lines += ["### Loop overhead (same model, data, seed and device; training epochs only)", "", *_loops_table(res["overhead"])]
         same = ", ".join(f"scale {o['scale']} {o['device']}: {'yes' if o['launch_equals_bare_weights'] else 'NO'}" for o in res["overhead"])
         lines += ["", f"Final weights of our loop and the bare loop bitwise identical (same computation): {same}.", ""]
+    if res.get("peers"):
+        lines += ["### Peers: PyTorch Lightning and Hugging Face Accelerate (same model, data, seed and device; training epochs only)", "", *_loops_table(res["peers"]), ""]
+        for p in res["peers"]:
+            lines.append(f"Peers on {p['device']}, scale {p['scale']}: " + "; ".join(f"{peer}: {state}" for peer, state in p["peers"].items()) + ".")
+        lines.append("")
     if res.get("ddp"):
         lines += ["### DDP overhead (training epochs only)", "", "| comparison | scale | baseline s | DDP s | ratio |", "|---|---:|---|---|---:|"]
         for d in res["ddp"]:
@@ -56,28 +64,47 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> bool:
-    """Wall time vs parameters per device (medians; min and max are in the table), with the seeds'
-    points, drawn by launch.commands.plot's line_plot. matplotlib is an optional extra."""
+    """Drawn by launch.commands.plot's line_plot (matplotlib is an optional extra). Left, where the
+    sweep ran: wall time vs parameters per device (medians; min and max are in the table), with the
+    seeds' M2 Max times at their nine sizes. Right, where overhead or peers ran: each loop's median
+    time per device against the parameters (our loop, the bare loop, the seeds' DataLoader loop,
+    Lightning and Accelerate where installed)."""
     from launch.errors import UserError
     from launch.commands.plot import line_plot
 
-    series = {}
-    for dev in sorted({r["device"] for r in res.get("sweep", [])}):
-        pts = [(r["params"], r["wall_s"]["median"]) for r in res["sweep"] if r["device"] == dev and "wall_s" in r]
-        if pts:
-            series[f"this machine: {dev} (launch loop)"] = tuple(zip(*pts))
-    for dev, marker in (("cpu", "s"), ("mps", "^")):
-        seeds = ([mlp_params(s) for s in SEEDS], [SEEDS[s][dev] for s in SEEDS])
-        series[f"seeds, M2 Max: {dev.upper()}"] = (*seeds, {"marker": marker, "linestyle": "--", "color": "grey", "alpha": 0.7})
+    epochs_label = f"seconds for {res['config']['epochs']} epochs of 1000 samples"
+    panels = []
+    if res.get("sweep"):
+        panels.append(dict(series=_sweep_series(res["sweep"]), title="The seeds' sweep: batch 10, SGD, fp32", xlabel="MLP parameters", ylabel=epochs_label, logx=True, logy=True))
+    loops = _loop_series([*res.get("overhead", []), *res.get("peers", [])])
+    if loops:
+        panels.append(dict(series=loops, title="Training loops on the same workload", xlabel="MLP parameters", ylabel=epochs_label, logx=True, logy=True))
     try:
-        line_plot(
-            series, path, title="The seeds' sweep: batch 10, SGD, fp32", xlabel="MLP parameters",
-            ylabel=f"seconds for {res['config']['epochs']} epochs of 1000 samples", logx=True, logy=True,
-        )
+        line_plot({}, path, panels=panels)
     except UserError as e:
         print(f"note: no plot ({e})", file=sys.stderr)
         return False
     return True
 
 
-# --------------------------------------------------------------------------- command
+def _sweep_series(rows: list[dict]) -> dict:
+    series = {}
+    for dev in sorted({r["device"] for r in rows}):
+        pts = [(r["params"], r["wall_s"]["median"]) for r in rows if r["device"] == dev and "wall_s" in r]
+        if pts:
+            series[f"this machine: {dev} (launch loop)"] = tuple(zip(*pts))
+    for dev, marker in (("cpu", "s"), ("mps", "^")):
+        scales = sorted(SEEDS)  # the seeds' nine sizes, each at its own point
+        series[f"seeds, M2 Max: {dev.upper()}"] = ([mlp_params(s) for s in scales], [SEEDS[s][dev] for s in scales], {"marker": marker, "linestyle": "--", "color": "grey", "alpha": 0.7})
+    return series
+
+
+def _loop_series(comparisons: list[dict]) -> dict:
+    """(loop, device) -> its medians by parameter count; a loop timed in both overhead and peers at
+    one size keeps the first."""
+    points: dict[str, dict[int, float]] = {}
+    for o in comparisons:
+        for name, r in o["loops"].items():
+            points.setdefault(f"{name} ({o['device']})", {}).setdefault(o["params"], r["median"])
+    # measured at a few sizes only: points joined by a dotted guide, not a curve
+    return {label: (*zip(*sorted(pts.items())), {"linestyle": ":", "markersize": 5}) for label, pts in points.items()}

@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-from launch.commands.bench.workloads import ROOT, bare, mlp_params, n_train, ours, peak_tflops, repeat, scale_overrides, seed_loop, stats, warm
 
-
-
+from launch.commands.bench.workloads import ROOT, loop_table, mlp_params, n_train, our_bare_and_seed_loops, ours, peak_tflops, repeat, scale_overrides, stats, warm
 
 
 def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float | None, say) -> list[dict]:
@@ -24,7 +22,6 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
     predicted cost (time grows at most in proportion to the parameter count) would not fit is
     run with fewer repetitions, or skipped with the reason recorded."""
     from launch.errors import EXIT_NONFINITE
-    from launch.stopping import Stopped
 
     rows, spent, last = [], 0.0, None
     dev = torch.device(device)
@@ -42,9 +39,9 @@ def sweep(cfg_path, scales, device: str, reps: int, epochs: int, budget_s: float
                 continue
         t0 = time.perf_counter()
         try:
-            res = repeat({"ours": lambda o: ours(cfg_path, o, device, write_checkpoints=False)}, n_reps, ov, warm(cfg_path, scale))["ours"]
-        except Stopped as e:  # a diverging workload is reported, not timed
-            if e.code != EXIT_NONFINITE:
+            res = repeat({"ours": lambda o: ours(cfg_path, o, device, keep_weights=False)}, n_reps, ov, warm(cfg_path, scale))["ours"]
+        except Exception as e:  # a diverging workload (the loop stops with EXIT_NONFINITE) is reported, not timed
+            if getattr(e, "code", None) != EXIT_NONFINITE:
                 raise
             rows.append({"scale": scale, "params": params, "device": device, "skipped": str(e)})
             say(f"  {device} scale {scale}: {e}")
@@ -83,7 +80,7 @@ def big_batch(cfg_path, device: str, scale: int, batch: int, reps: int) -> dict:
     """bf16 autocast at a large batch: how close our loop gets to the device's limit.
     4 steps per epoch; the first epoch is the warm-up, the next `reps` are the repetitions."""
     ov = [*scale_overrides(cfg_path, scale), "train.precision=bf16", f"data.batch_size={batch}", f"data.n_train={4 * batch}", f"train.epochs={1 + reps}", "data.n_eval=16"]
-    out = ours(cfg_path, ov, device, write_checkpoints=False)
+    out = ours(cfg_path, ov, device, keep_weights=False)
     per_epoch = stats(out["epochs"][1:])
     sps = 4 * batch / per_epoch["median"]
     tflops = 6 * mlp_params(scale) * sps / 1e12
@@ -93,29 +90,15 @@ def big_batch(cfg_path, device: str, scale: int, batch: int, reps: int) -> dict:
 
 def overhead(cfg_path, scale: int, device: str, reps: int, epochs: int, compile_variant: bool) -> dict:
     ov = [*scale_overrides(cfg_path, scale), f"train.epochs={epochs}"]
-    variants = {
-        "launch": lambda o: ours(cfg_path, o, device),
-        "bare": lambda o: bare(cfg_path, o, device),
-        "seed_dataloader": lambda o: seed_loop(cfg_path, o, device),
-    }
+    variants = our_bare_and_seed_loops(cfg_path, device)
     if compile_variant:
         mode = "reduce-overhead" if device.startswith("cuda") else "default"
         variants[f"launch_compile_{mode}"] = lambda o: ours(cfg_path, [*o, "train.compile=true", f"train.compile_mode={mode}"], device)
     res = repeat(variants, reps, ov, warm(cfg_path, scale))
     wa, wb = res["launch"]["first"]["weights"], res["bare"]["first"]["weights"]
     same = wa.keys() == wb.keys() and all(torch.equal(wa[k].cpu(), wb[k].cpu()) for k in wa)
-    from launch import config
-
-    cfg = config.load(str(cfg_path), ov)
-    steps = math.ceil(cfg.data.n_train / cfg.data.batch_size) * epochs
-    out = {"scale": scale, "params": mlp_params(scale), "device": device, "epochs": epochs, "launch_equals_bare_weights": same, "loops": {}}
-    for name, r in res.items():
-        first = r.pop("first")
-        r["ms_per_step"] = 1000 * r["median"] / steps
-        r["vs_bare"] = r["median"] / res["bare"]["median"]
-        if name == "launch":
-            r["train_call_wall_s"] = first["wall"]  # the whole train() call of the first timed run: setup, eval, checkpoints too
-        out["loops"][name] = r
+    loops = loop_table(res, cfg_path, ov, epochs)
+    out = {"scale": scale, "params": mlp_params(scale), "device": device, "epochs": epochs, "launch_equals_bare_weights": same, "loops": loops}
     return out
 
 
@@ -165,6 +148,3 @@ def ddp_world2_cpu(cfg_path, scale: int, reps: int, epochs: int, warmup: bool = 
     for r in res.values():
         r.pop("first")
     return {"scale": scale, "global_batch": 10, "world_1": res["world_1"], "world_2_gloo": res["world_2_gloo"], "ratio": res["world_2_gloo"]["median"] / res["world_1"]["median"]}
-
-
-# --------------------------------------------------------------------------- output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import math
 import statistics
 import tempfile
 import time
@@ -78,9 +79,11 @@ def peak_tflops(device: torch.device, precision: str):
 # --------------------------------------------------------------------------- the loops compared
 
 
-def ours(cfg_path, overrides: list[str], device: str, write_checkpoints: bool = True) -> dict:
-    """One run of the real launch.loop.train in this process; returns its epoch times (s)."""
-    from launch import checkpoint, config
+def ours(cfg_path, overrides: list[str], device: str, keep_weights: bool = True) -> dict:
+    """One run of the real launch.loop.train in this process; returns its epoch times (s), and with
+    `keep_weights` its final weights (model.pt). The run's final checkpoint is written as always,
+    after the last timed epoch, into a temporary directory removed afterwards."""
+    from launch import config
     from launch.dist import DistEnv, setup
     from launch.logger import read_metrics
     from launch.loop import train
@@ -88,34 +91,30 @@ def ours(cfg_path, overrides: list[str], device: str, write_checkpoints: bool = 
     with tempfile.TemporaryDirectory(prefix="launch-bench-") as tmp:
         cfg = config.load(str(cfg_path), [*overrides, f"run.dir={tmp}", f"train.device={device}", "ckpt.resume=never", "ckpt.every_epochs=0", "log.progress=false"])
         rt = setup(cfg, DistEnv("plain"))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-            if not write_checkpoints:  # multi-GB final checkpoints of big models: written after the timing, and not needed here
-                stack.enter_context(_patched(checkpoint, save=lambda *a, **k: Path(tmp) / "skipped", atomic_write=lambda *a, **k: None))
+        with contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
             train(cfg, rt)
             wall = time.perf_counter() - t0
         records = read_metrics(Path(tmp))
         n = cfg.data.n_train
-        weights = torch.load(Path(tmp) / "model.pt", map_location="cpu") if write_checkpoints else None
+        weights = torch.load(Path(tmp) / "model.pt", map_location="cpu") if keep_weights else None
     # samples_per_s is the loop's own clock: samples seen in the epoch / (epoch start -> end-of-epoch agreement).
     return {"epochs": [n / r["samples_per_s"] for r in records], "wall": wall, "weights": weights}
 
 
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    saved = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order our loop documents (launch/data/order.py): DistributedSampler's shuffle,
+    randperm(n) seeded with seed + epoch. Should the loop's order change, the overhead section's
+    bitwise weight comparison says so."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
 
 
-def _workload(cfg_path, overrides, device):
-    """The same data, initial weights and hyper-parameters launch.loop.train would use."""
+def workload(cfg_path, overrides, device):
+    """The same data, initial weights and hyper-parameters launch.loop.train would use. The one
+    place the bench reaches past the core's public surface (launch.config, launch.loop.train):
+    launch.data.build and launch.model build them exactly as the loop does."""
     from launch import config
     from launch.data.build import build_data as build
     from launch.model import build_model
@@ -130,10 +129,8 @@ def _workload(cfg_path, overrides, device):
 def bare(cfg_path, overrides: list[str], device: str) -> dict:
     """A minimal hand-written loop: data on the device, one shuffled index slice per batch.
     It visits samples in the same order as our loop (so final weights must agree)."""
-    from launch.data.order import epoch_permutation
-
     dev = torch.device(device)
-    cfg, x, y, model = _workload(cfg_path, overrides, dev)
+    cfg, x, y, model = workload(cfg_path, overrides, dev)
     x, y = x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     b, n, times = cfg.data.batch_size, len(y), []
@@ -157,7 +154,7 @@ def seed_loop(cfg_path, overrides: list[str], device: str) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     dev = torch.device(device)
-    cfg, x, y, model = _workload(cfg_path, overrides, dev)
+    cfg, x, y, model = workload(cfg_path, overrides, dev)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.data.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     times = []
@@ -171,6 +168,15 @@ def seed_loop(cfg_path, overrides: list[str], device: str) -> dict:
         sync(dev)
         times.append(time.perf_counter() - t0)
     return {"epochs": times}
+
+
+def our_bare_and_seed_loops(cfg_path, device: str) -> dict:
+    """The three loops every comparison times: ours, the bare loop and the seeds' DataLoader loop."""
+    return {
+        "launch": lambda o: ours(cfg_path, o, device),
+        "bare": lambda o: bare(cfg_path, o, device),
+        "seed_dataloader": lambda o: seed_loop(cfg_path, o, device),
+    }
 
 
 def repeat(variants: dict, reps: int, timed: list[str], warmup: list[str] | None) -> dict[str, dict]:
@@ -189,3 +195,21 @@ def repeat(variants: dict, reps: int, timed: list[str], warmup: list[str] | None
             totals[name].append(sum(out["epochs"]))
             first.setdefault(name, out)
     return {name: {**stats(totals[name]), "first": first[name]} for name in names}
+
+
+def loop_table(res: dict[str, dict], cfg_path, overrides: list[str], epochs: int) -> dict[str, dict]:
+    """`repeat`'s result as the bench reports it: per loop, the stats, ms per step and the ratio
+    to the bare loop (the first run's raw result is dropped; our loop keeps its whole call's wall)."""
+    from launch import config
+
+    cfg = config.load(str(cfg_path), overrides)
+    steps = math.ceil(cfg.data.n_train / cfg.data.batch_size) * epochs
+    loops = {}
+    for name, r in res.items():
+        first = r.pop("first")
+        r["ms_per_step"] = 1000 * r["median"] / steps
+        r["vs_bare"] = r["median"] / res["bare"]["median"]
+        if name == "launch":
+            r["train_call_wall_s"] = first["wall"]  # the whole train() call of the first timed run: setup, eval, checkpoints too
+        loops[name] = r
+    return loops

@@ -13,6 +13,28 @@ HEADERS = {
     "srun_tasks": "One SLURM task per {unit}, no torchrun: train_ddp.py maps SLURM_PROCID/LOCALID/NTASKS to rank and world size.",
 }
 
+# The end of the block to edit (commented-out settings), then the script's own start.
+ENV_HINTS = r"""# export NCCL_SOCKET_IFNAME=ib0      # network interface for NCCL (GPU, multi-node); `ip -br addr` lists them
+# export GLOO_SOCKET_IFNAME=eth0     # network interface for gloo (CPU jobs; also used for the checkpoint barrier)
+# export NCCL_DEBUG=INFO             # NCCL setup and errors in the log (WARN: errors only)
+# export TORCH_DISTRIBUTED_DEBUG=DETAIL  # check that collectives match across ranks (slower)
+# export PYTHON=/path/to/venv/bin/python  # default: the python on PATH when you ran sbatch
+# ================= end of edits ==============
+
+set -u
+PYTHON=${PYTHON:-python}""".split("\n")
+
+# The job's first log line, and the trap that turns the stop signal into a STOP file.
+STOP_TRAP = r"""echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; run dir $RUN_DIR; OMP_NUM_THREADS=$OMP_NUM_THREADS"
+
+# The signal only marks the run: the workers stop at their next step boundary, after rank 0 saved a checkpoint.
+STOPPING=0 TRAPS=0
+# shellcheck disable=SC2317  # called by the trap
+on_stop() { STOPPING=1; TRAPS=$((TRAPS + 1)); echo "caught SIG$STOP_SIGNAL: asking the workers to checkpoint and stop"; touch "$RUN_DIR/STOP"; }
+trap on_stop "$STOP_SIGNAL"
+
+# --cpus-per-task again for srun: Slurm 22.05 srun does not inherit it from the batch job.""".split("\n")
+
 
 def render(spec: Spec) -> str:
     """The whole batch script: the header to edit, the setup, the launch, and the wait-and-requeue tail."""
@@ -58,15 +80,7 @@ def _header(s: Spec) -> list[str]:
         f"STOP_SIGNAL={s.signal}                      # = the signal in --signal above",
         f"CONFIG={shlex.quote(s.config)}" + "  # a YAML file, or empty for the defaults",
         "OVERRIDES=(" + " ".join(shlex.quote(o) for o in s.overrides) + ")  # section.key=value ...; run.dir decides where a requeued job resumes from",
-        "# export NCCL_SOCKET_IFNAME=ib0      # network interface for NCCL (GPU, multi-node); `ip -br addr` lists them",
-        "# export GLOO_SOCKET_IFNAME=eth0     # network interface for gloo (CPU jobs; also used for the checkpoint barrier)",
-        "# export NCCL_DEBUG=INFO             # NCCL setup and errors in the log (WARN: errors only)",
-        "# export TORCH_DISTRIBUTED_DEBUG=DETAIL  # check that collectives match across ranks (slower)",
-        "# export PYTHON=/path/to/venv/bin/python  # default: the python on PATH when you ran sbatch",
-        "# ================= end of edits ==============",
-        "",
-        "set -u",
-        'PYTHON=${PYTHON:-python}',
+        *ENV_HINTS,
     ]
     return lines
 
@@ -92,15 +106,7 @@ def _setup(s: Spec) -> list[str]:
             "PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))  # from the job id: two jobs sharing a node never collide",
         ]
     lines += [
-        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; run dir $RUN_DIR; OMP_NUM_THREADS=$OMP_NUM_THREADS"',
-        "",
-        "# The signal only marks the run: the workers stop at their next step boundary, after rank 0 saved a checkpoint.",
-        "STOPPING=0 TRAPS=0",
-        "# shellcheck disable=SC2317  # called by the trap",
-        "on_stop() { STOPPING=1; TRAPS=$((TRAPS + 1)); echo \"caught SIG$STOP_SIGNAL: asking the workers to checkpoint and stop\"; touch \"$RUN_DIR/STOP\"; }",
-        'trap on_stop "$STOP_SIGNAL"',
-        "",
-        "# --cpus-per-task again for srun: Slurm 22.05 srun does not inherit it from the batch job.",
+        *STOP_TRAP,
     ]
     return lines
 
