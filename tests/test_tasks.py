@@ -107,3 +107,28 @@ def test_regression_without_mse_is_refused_from_the_command_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs integer class targets" in lines[0] and "train.loss=mse" in lines[0], output(p)
     assert not (tmp_path / "r").exists()
+
+
+def test_predict_plot_and_eval_follow_the_task(tmp_path):
+    """Regression: predicted values, eval loss without accuracy, a loss-only plot named after the
+    loss. Sequence model: --eval works, and the predictions CSV is refused in one line."""
+    import csv
+    import importlib.util
+    import json
+
+    reg, _ = train_inproc(tmp_path / "reg", *REG, "train.epochs=3")
+    seq, _ = train_inproc(tmp_path / "seq", *SEQ, "train.epochs=2", "data.batch_size=16")
+    ev = run([PY, "-m", "launch", "predict", str(tmp_path / "reg"), "--eval", "-o", str(tmp_path / "reg.csv")], timeout=60)
+    assert ev.returncode == 0, output(ev)
+    got = json.loads(ev.stdout.splitlines()[0])
+    assert "accuracy" not in got and got["loss"] == pytest.approx(reg["eval_loss"], rel=1e-9) and got["samples"] == 203
+    rows = list(csv.reader(open(tmp_path / "reg.csv")))
+    assert rows[0] == ["row", "prediction"] and len(rows) == 204 and all(float(r[1]) == float(r[1]) for r in rows[1:])
+    sev = run([PY, "-m", "launch", "predict", str(tmp_path / "seq"), "--eval"], timeout=60)
+    assert sev.returncode == 0 and json.loads(sev.stdout)["accuracy"] == pytest.approx(seq["eval_accuracy"], rel=1e-9), output(sev)
+    refused = run([PY, "-m", "launch", "predict", str(tmp_path / "seq")], timeout=60)
+    assert refused.returncode == 2 and "a sequence model): use --eval" in refused.stderr, output(refused)
+    if importlib.util.find_spec("matplotlib"):
+        from launch.commands.plot import plot_runs
+
+        assert plot_runs([str(tmp_path / "reg")], tmp_path / "reg.png").stat().st_size > 1000

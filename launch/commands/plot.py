@@ -73,24 +73,38 @@ def epoch_records(run_dir) -> list[dict]:
 
 
 def plot_runs(run_dirs: Sequence[str], path, labels: Optional[Sequence[str]] = None) -> Path:
-    """Train (solid) and eval (dashed) loss, and eval accuracy, against epoch; one colour per run."""
+    """Train (solid) and eval (dashed) loss, and eval accuracy where runs report one (classification
+    losses), against epoch; one colour per run. The loss axis names the runs' train.loss."""
     labels = list(labels) if labels else [Path(r).name or str(r) for r in run_dirs]
     if len(labels) != len(run_dirs):
         raise UserError(f"--labels: {len(labels)} labels for {len(run_dirs)} runs")
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in run_dirs]  # same directory names: tell them apart by path
-    loss, acc = {}, {}
+    loss, acc, losses = {}, {}, set()
     for i, (run, label) in enumerate(zip(run_dirs, labels)):
+        losses.add(_loss_name(run))
         recs = epoch_records(run)
         epochs = [r["epoch"] + 1 for r in recs]  # epochs completed
         colour = {"color": f"C{i}"}
         loss[f"{label} train"] = (epochs, [r["train_loss"] for r in recs], colour)
         loss[f"{label} eval"] = (epochs, [r["eval_loss"] for r in recs], {**colour, "linestyle": "--"})
-        acc[label] = (epochs, [r["eval_accuracy"] for r in recs], colour)
-    return line_plot({}, path, panels=[
-        dict(series=loss, title="loss", xlabel="epoch", ylabel="cross-entropy", integer_x=True),
-        dict(series=acc, title="eval accuracy", xlabel="epoch", ylabel="accuracy", integer_x=True),
-    ])
+        if all("eval_accuracy" in r for r in recs):
+            acc[label] = (epochs, [r["eval_accuracy"] for r in recs], colour)
+    panels = [dict(series=loss, title="loss", xlabel="epoch", ylabel=" / ".join(sorted(losses)), integer_x=True)]
+    if acc:
+        panels.append(dict(series=acc, title="eval accuracy", xlabel="epoch", ylabel="accuracy", integer_x=True))
+    return line_plot({}, path, panels=panels)
+
+
+def _loss_name(run_dir) -> str:
+    """train.loss from the run's config.yaml (cross_entropy when it predates the setting)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    return str(saved.get("train", {}).get("loss", "cross_entropy")).rpartition(":")[2]
 
 
 def add_arguments(p) -> None:

@@ -148,13 +148,16 @@ def run(args) -> int:
                           "samples": result["eval_samples"], "data": where, "weights": str(origin)}))
         if not args.output:
             return 0
-    if split.dataset is not None or cfg.train.loss not in ("cross_entropy", *REGRESSION_LOSSES):
-        raise UserError(f"predictions CSV: only for classifiers and regressions on in-memory data (train.loss={cfg.train.loss}, data.name={cfg.data.name}); use --eval")
+    if cfg.train.loss not in ("cross_entropy", *REGRESSION_LOSSES):
+        raise UserError(f"predictions CSV: for classifiers (cross_entropy) and regressions (mse, l1), not train.loss={cfg.train.loss}; use --eval")
     out = outputs(model, feeder, cfg, device)
+    if not regression and out.dim() != 2:
+        raise UserError(f"predictions CSV: for classifiers with [N, C] outputs; this model outputs [N, {', '.join(map(str, out.shape[1:]))}] (a sequence model): use --eval")
+    known = split.y if (split.y is not None and not args.input) else None  # a Dataset split keeps its targets to itself
     if regression:
-        labels = raw_labels if raw_labels is not None else (None if args.input else [f"{v:.6g}" for v in split.y.reshape(-1).tolist()])
+        labels = raw_labels if raw_labels is not None else (None if known is None else [f"{v:.6g}" for v in known.reshape(-1).tolist()])
     else:
-        labels = raw_labels if raw_labels is not None else ([names[i] for i in split.y.tolist()] if not args.input else None)
+        labels = raw_labels if raw_labels is not None else (None if known is None else [names[i] for i in known.tolist()])
     path = args.output or "predictions.csv"
     write_predictions(path, out, names, labels, regression)
     print(f"wrote {len(out)} predictions ({where}) to {path}")
