@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from launch.dist import Runtime, all_reduce_sum
+from launch.errors import UserError
 from launch.optim import autocast_context
 from launch.task import Task
 
@@ -105,6 +106,8 @@ class TrainStep:
                 if n == 0:  # a stand-in batch (see launch.data.order): it must add exactly nothing
                     loss, count = loss * 0.0, 0
                 if static:
+                    if n and count != n * self.task.per_sample:
+                        raise UserError(f"targets must have the same shape for every sample: a batch of {n} holds {count} target elements, expected {n * self.task.per_sample}")
                     weight = self.k * count / total
                     scaled = loss if weight == 1.0 else loss * weight
                 else:
