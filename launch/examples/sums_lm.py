@@ -9,6 +9,12 @@ and predicts the next one; only the answer characters are scored.
 
 Plugged in by import path, like any user code:
 `model.name=launch.examples.sums_lm:TinyGPT`, `data.name=launch.examples.sums_lm:SumsDataset`.
+Afterwards, ask the trained model (runs/sums_lm/model.pt holds TinyGPT's state dict):
+
+    model = TinyGPT(seq_len=9)
+    model.load_state_dict(torch.load("runs/sums_lm/model.pt", weights_only=True))
+    prompt = torch.tensor([SumsDataset.encode("47+85=")])
+    SumsDataset.decode(model.eval().complete(prompt, 4)[0])  # '47+85=132.'
 """
 
 from __future__ import annotations
