@@ -17,6 +17,7 @@ import traceback
 from typing import NoReturn
 
 from launch import config as config_mod
+from launch.lifeline import die_with_parent
 from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
 
 
@@ -68,6 +69,8 @@ def run_worker(cfg) -> int:
         env = dist_mod.detect()
     except UserError as e:
         fail(str(e), e.code)
+    if env.launcher != "plain":
+        die_with_parent()  # no orphaned worker keeps training after its launcher was killed
     rt = None
     try:
         rt = dist_mod.setup(cfg, env)

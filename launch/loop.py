@@ -29,6 +29,7 @@ def train(cfg, rt: Runtime) -> dict:
     """Train to the configured number of epochs (resuming if there is a checkpoint); return the last epoch's record."""
     stop = StopRequest(cfg.run_dir / "STOP")
     previous = stop.install()
+    run = None
     try:
         run = start(cfg, rt, stop)
         record: dict = {}
@@ -38,6 +39,8 @@ def train(cfg, rt: Runtime) -> dict:
             record = finish_epoch(run, tally, seen, save_at_end)
         return run.finish(record)
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()  # the process may train again (in-process callers); the OS would release it at exit anyway
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -97,7 +97,20 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     if resumed_from is not None:
         state = state_mod.restore(ckpt, resumed_from, parts, rt.env.is_main)
     run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch)
-    _open_run_dir(run, resumed_from, ckpt)
+    try:
+        _open_run_dir(run, resumed_from, ckpt)
+        _finish_setup(run, graphs, graph_note)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+    return run
+
+
+def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
+    """The wrapped module, the step, and the per-run meters."""
+    cfg, rt, say, bare, parts, data, state = run.cfg, run.rt, run.say, run.bare, run.parts, run.data, run.state
+    optimizer, task = parts.optimizer, run.task
     module = _wrap(cfg, rt, TrainingModule(bare, task))
     run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler)
     if graphs:
@@ -111,7 +124,6 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
         run.grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: run.state.step, first_end)
     run.profiler = make_profiler(cfg, rt.env.rank, rt.device, say)
     module.train()
-    return run
 
 
 def _build(cfg, rt: Runtime):

@@ -219,6 +219,7 @@ def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tm
         with contextlib.redirect_stdout(io.StringIO()):
             run = start(cfg, rt, StopRequest(tmp_path / "STOP"))
             assert type(run.step.module) is TrainingModule, "no DDP wrapper at world size 1"
+            run.lock.release()  # train() below sets the run up again
             train(cfg, rt)
     finally:
         teardown(rt)
