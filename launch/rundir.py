@@ -1,27 +1,111 @@
-"""The run directory's own checks, before anything is written into it.
+"""The run directory: read-only checks before anything is built, and one writer at a time.
 
-Not yet here (issue 12, open): one writer at a time. `lock` only creates the directory today; a
-second job on a live run directory is not refused yet.
+`check_usable` runs on every rank before anything is built and creates nothing. `lock` runs on
+rank 0 before anything is written: an exclusive `flock` on `run_dir/.lock`, held until the process
+ends. The kernel drops it when the holder dies, however it dies (kill -9 included), so a lock left
+by a dead job never blocks a rerun; the file's text ("host pid started-at") only names the holder
+in the error. A filesystem that refuses flock (some NFS/Lustre mounts) gets a warning and no lock.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 from launch.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_NAME = ".lock"
+_held_fds: set[int] = set()  # closed in forked children (DataLoader workers) so only this process holds the lock
+
+
+def _close_in_child() -> None:
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
 
 def check_usable(run_dir: Path) -> None:
-    """Read-only: the run directory must not be a file."""
-    if Path(run_dir).is_file():
+    """Raise a one-line UserError when run.dir cannot be used; read-only, creates nothing."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
         raise UserError(f"run.dir {run_dir} exists and is a file")
+    base = _nearest_existing(run_dir.absolute())
+    if not base.is_dir():
+        raise UserError(f"run.dir {run_dir}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        action = "write into" if base == run_dir.absolute() else f"create {run_dir} under"
+        raise UserError(f"run.dir {run_dir}: cannot {action} {base} (permission denied)")
 
 
 class RunLock:
+    """Holds the run directory's lock until `release()` or the end of the process."""
+
+    def __init__(self, fd: Optional[int] = None, path: Optional[Path] = None):
+        self.fd, self.path = fd, path
+
     def release(self) -> None:
-        pass
+        if self.fd is not None:
+            _held_fds.discard(self.fd)
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 512, 0).decode(errors="replace").split()
+    except OSError:
+        text = []
+    if len(text) >= 3:
+        return f"host {text[0]}, pid {text[1]}, since {text[2]}"
+    return "holder not recorded yet"
 
 
 def lock(run_dir: Path) -> RunLock:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return RunLock()
+    """Create run_dir and take its lock (exclusive, non-blocking); UserError naming the live holder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return RunLock()
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's line stays readable
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = _holder(fd)
+            os.close(fd)
+            raise UserError(
+                f"run directory {run_dir} is in use by a live job ({holder}); wait for it, stop it, or use another run.dir"
+            ) from None
+        os.close(fd)
+        print(f"warning: cannot lock {path} ({os.strerror(e.errno)}): this filesystem does not support flock; "
+              "make sure no other job writes into this run directory", file=sys.stderr, flush=True)
+        return RunLock()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+    _held_fds.add(fd)
+    return RunLock(fd, path)
