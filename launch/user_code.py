@@ -1,10 +1,75 @@
-"""Calling the user's code (models, datasets, loss functions by import path) with one-line errors."""
+"""Calling the user's code (models, datasets, loss functions by import path) with one-line errors.
+
+Whatever the user's module or constructor raises becomes one line that names the import path, the
+exception and where in the user's own file it happened (the innermost frame outside torch, this
+package and the standard library). `log.debug=true` prints the full traceback before that line.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import sysconfig
+import traceback
+from pathlib import Path
 
 from launch.errors import UserError
+
+_LAUNCH_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= {os.path.dirname(os.__file__)}
+    return tuple(str(Path(d).resolve()) + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS = _library_dirs()
+
+
+def _is_user_file(filename: str) -> bool:
+    if not filename or filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    path = str(Path(filename).resolve())
+    return not path.startswith(_LAUNCH_DIR) and not path.startswith(_LIBRARY_DIRS)
+
+
+def _show(filename: str) -> str:
+    """A path relative to the working directory when it lies under it."""
+    try:
+        return os.path.relpath(filename) if not os.path.relpath(filename).startswith("..") else filename
+    except ValueError:  # another drive (Windows)
+        return filename
+
+
+def where(exc: BaseException) -> str:
+    """' (at file:line in func)' for the innermost traceback frame in a user file; '' when none."""
+    if isinstance(exc, SyntaxError) and exc.filename and _is_user_file(exc.filename):
+        return f" (at {_show(exc.filename)}:{exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {_show(f.filename)}:{f.lineno} in {f.name})"
+
+
+def _describe(exc: BaseException) -> str:
+    """'Type: first line of the message'."""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _print_traceback(exc: BaseException) -> None:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _missing_itself(e: ModuleNotFoundError, module_name: str) -> bool:
+    """The module (or a package above it) does not exist, as opposed to an import inside it failing."""
+    return e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
 
 
 def import_object(path: str, what: str, debug: bool = False):
@@ -12,8 +77,16 @@ def import_object(path: str, what: str, debug: bool = False):
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
+    except ModuleNotFoundError as e:
+        if _missing_itself(e, module_name):
+            raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
+        if debug:
+            _print_traceback(e)
+        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
+    except Exception as e:  # SyntaxError, NameError, anything the module body raises
+        if debug:
+            _print_traceback(e)
+        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -21,11 +94,18 @@ def import_object(path: str, what: str, debug: bool = False):
 
 
 def call(what: str, fn, *args, debug: bool = False, **kwargs):
-    """Call user code; a TypeError from bad arguments becomes one line."""
+    """Call user code; any exception becomes one line naming what failed and where."""
     try:
         return fn(*args, **kwargs)
     except UserError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"{what}: {type(e).__name__}: {first}") from None
+        if debug:
+            _print_traceback(e)
+        at = where(e)
+        hint = ""
+        if isinstance(e, TypeError) and not at:  # raised by the call itself: the arguments do not fit
+            section = what.split(".", 1)[0]
+            if section in ("model", "data"):
+                hint = f" (called with {kwargs or 'no keyword arguments'}: check {section}.kwargs)"
+        raise UserError(f"{what}: {_describe(e)}{at}{hint}") from None
