@@ -58,7 +58,16 @@ def check_usable(run_dir: Path) -> None:
         raise UserError(f"run.dir {run_dir}: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         action = "write into" if base == run_dir.absolute() else f"create {run_dir} under"
-        raise UserError(f"run.dir {run_dir}: cannot {action} {base} (permission denied)")
+        raise UserError(f"run.dir {run_dir}: cannot {action} {base} ({_why_unwritable(base)})")
+
+
+def _why_unwritable(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only filesystem"
+    except (OSError, AttributeError):
+        pass
+    return "permission denied"
 
 
 class RunLock:
