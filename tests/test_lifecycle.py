@@ -249,3 +249,13 @@ def test_a_syntax_error_in_the_users_module_names_its_line(tmp_path):
     assert len(lines) == 1 and "importing module 'mine.net' raised SyntaxError:" in lines[0], output(p)
     assert f"{pkg / 'net.py'}:4)" in lines[0], output(p)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_whose_launcher_is_already_gone_stops_at_once():
+    """The race die_with_parent closes: the parent died before the prctl, so no signal will come."""
+    code = "from launch import lifeline; lifeline.die_with_parent(); print('still here')"
+    p = run([PY, "-c", code], timeout=60, LAUNCH_PARENT_PID="1")  # pid 1 is not this process's parent
+    if os.getppid() == 1 or psutil.Process().ppid() == 1:
+        pytest.skip("this test process runs as a child of pid 1")
+    assert p.returncode == 128 + signal.SIGKILL and "still here" not in p.stdout, output(p)
+    assert "error: the launcher (pid 1) is gone; this worker stops" in p.stderr, output(p)
