@@ -73,8 +73,8 @@ def _why_unwritable(path: Path) -> str:
 class RunLock:
     """Holds the run directory's lock until `release()` or the end of the process."""
 
-    def __init__(self, fd: Optional[int] = None, path: Optional[Path] = None):
-        self.fd, self.path = fd, path
+    def __init__(self, fd: Optional[int] = None):
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -117,4 +117,4 @@ def lock(run_dir: Path) -> RunLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
     _held_fds.add(fd)
-    return RunLock(fd, path)
+    return RunLock(fd)

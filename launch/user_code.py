@@ -39,9 +39,10 @@ def _is_user_file(filename: str) -> bool:
 def _show(filename: str) -> str:
     """A path relative to the working directory when it lies under it."""
     try:
-        return os.path.relpath(filename) if not os.path.relpath(filename).startswith("..") else filename
+        rel = os.path.relpath(filename)
     except ValueError:  # another drive (Windows)
         return filename
+    return filename if rel.startswith("..") else rel
 
 
 def where(exc: BaseException) -> str:
@@ -77,13 +78,9 @@ def import_object(path: str, what: str, debug: bool = False):
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if _missing_itself(e, module_name):
+    except Exception as e:  # SyntaxError, NameError, a missing dependency: anything the module body raises
+        if isinstance(e, ModuleNotFoundError) and _missing_itself(e, module_name):
             raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
-        if debug:
-            _print_traceback(e)
-        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
-    except Exception as e:  # SyntaxError, NameError, anything the module body raises
         if debug:
             _print_traceback(e)
         raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
