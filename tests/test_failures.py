@@ -12,7 +12,7 @@ import pytest
 
 from launch import checkpoint
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
-from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun
+from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun, wait_for
 
 BOUND_S = 30  # the whole job must be down this fast after a rank fails
 
@@ -199,10 +199,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, env=env(LAUNCH_FAULT="stall_save:step=4:seconds=600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ckdir = tmp_path / "checkpoints"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None and not list(ckdir.glob(".step_00000004.pt.tmp-*")):
-            time.sleep(0.05)
-        assert list(ckdir.glob(".step_00000004.pt.tmp-*")), f"the save at step 4 did not stall (exit {proc.poll()})"
+        wait_for("the stalled save at step 4", lambda: list(ckdir.glob(".step_00000004.pt.tmp-*")), proc)
         proc.send_signal(signal.SIGINT)
         time.sleep(1.2)  # the handler's own rule: a second Ctrl-C within 1 s of the first is a double tap
         assert proc.poll() is None, "the first Ctrl-C only sets a flag"

@@ -21,7 +21,7 @@ import pytest
 
 from launch import checkpoint
 from launch.errors import EXIT_STOPPED
-from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run
+from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, wait_for
 
 STALL = "stall_save:step=8:seconds=600"
 
@@ -30,18 +30,6 @@ def start(args, tmp_path, **extra_env) -> subprocess.Popen:
     """Output to files, not pipes: an orphan holding a pipe open must not hang the test."""
     out, err = open(tmp_path / "job.out", "w"), open(tmp_path / "job.err", "w")
     return subprocess.Popen(args, cwd=ROOT, env=env(**extra_env), stdout=out, stderr=err, text=True)
-
-
-def wait_for(what: str, found, proc: subprocess.Popen, deadline_s: float = 120):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        hit = found()
-        if hit:
-            return hit
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen (exit {proc.poll()})")
 
 
 def stalled_save(run_dir: Path):
