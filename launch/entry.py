@@ -16,8 +16,8 @@ import sys
 import traceback
 from typing import NoReturn
 
+from launch import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
-from launch.lifeline import die_with_parent
 from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
 
 
@@ -69,8 +69,10 @@ def run_worker(cfg) -> int:
         env = dist_mod.detect()
     except UserError as e:
         fail(str(e), e.code)
-    if env.launcher != "plain":
-        die_with_parent()  # no orphaned worker keeps training after its launcher was killed
+    if env.distributed:
+        # A launcher's worker dies with it (kill -9 of torchrun leaves orphans otherwise). Not under
+        # plain python: `nohup python train_single.py &` must outlive its shell.
+        lifeline.die_with_parent()
     rt = None
     try:
         rt = dist_mod.setup(cfg, env)
@@ -142,6 +144,7 @@ def spawn(cfg, nproc: int) -> int:
     # spawn leaves OMP threads unset: N workers x all cores each oversubscribes the CPU badly.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+    os.environ[lifeline.PARENT_ENV] = str(os.getpid())  # the workers compare it with their parent at start
     ctx = mp.start_processes(_spawn_entry, args=(nproc, store.port, cfg.to_dict()), nprocs=nproc, join=False, start_method="spawn")
 
     def forward(signum, frame):  # Ctrl-C / SIGTERM to the parent reach every worker

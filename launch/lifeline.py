@@ -1,34 +1,54 @@
-"""Workers die with the process that launched them.
+"""Workers die with their launcher: no orphan keeps training after `kill -9` of torchrun or `--nproc`.
 
-torchrun starts its workers in sessions of their own, so when the agent is killed with SIGKILL (a
-closed terminal, the OOM killer, a scheduler) nothing else reaches them: they would be reparented to
-init and keep training and writing checkpoints beside the job's next attempt. On Linux each worker
-asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG). Only workers under a launcher
-(torchrun, --nproc, srun) do this: a plain `python train_single.py` started from a script that
-exits must keep running.
+torchrun starts each worker in a session of its own, so killing the agent (or its process group)
+does not reach the workers: they are reparented to init and keep training and writing checkpoints
+into a run directory that a rerun then shares with them. `die_with_parent` asks the kernel to
+SIGKILL this process when its parent goes (Linux PR_SET_PDEATHSIG).
+
+PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Both
+launchers fork from their main thread, which lives as long as they do (torch 2.13): torchrun's
+agent runs `agent.run()` in its main thread and starts workers with `subprocess.Popen` there
+(elastic/multiprocessing/subprocess_handler), and `torch.multiprocessing.start_processes` with
+start_method="spawn" starts them one by one in the calling thread (a thread pool is used only for
+forkserver with TORCH_MP_PARALLEL_START=1); our `spawn` calls it from the main thread.
+
+The race where the parent died before the prctl call: the parent pid is taken as early as
+possible, from LAUNCH_PARENT_PID (set by our `--nproc` parent) or else when this module is
+imported (launch.entry imports it first, before torch), and compared after the prctl. A worker
+orphaned even earlier (during interpreter start-up) cannot join the job either: torchrun's agent
+and the `--nproc` parent host the rendezvous store, so it fails to connect and exits.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PARENT_ENV = "LAUNCH_PARENT_PID"
+
+_PARENT_AT_IMPORT = os.getppid()
 
 
-def die_with_parent() -> bool:
-    """Arm the parent-death signal; exit at once if the parent is already gone. True if armed."""
+def expected_parent() -> int:
+    """The launcher's pid: LAUNCH_PARENT_PID when set, else the parent seen at import."""
+    value = os.environ.get(PARENT_ENV, "")
+    return int(value) if value.isdigit() else _PARENT_AT_IMPORT
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies; leave at once if it already has.
+    Linux only; a no-op elsewhere."""
     if not sys.platform.startswith("linux"):
-        return False
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    if parent == 1 or os.getppid() != parent:  # the launcher died before the signal was armed
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        print(f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(err)}); this worker will not die with its launcher", file=sys.stderr, flush=True)
+        return
+    if os.getppid() != expected_parent():  # the parent died before the prctl: nobody will signal us
+        print(f"error: the launcher (pid {expected_parent()}) is gone; this worker stops", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGKILL)
-    return True

@@ -41,7 +41,7 @@ def build_model(cfg, in_features: int, num_classes: Optional[int]) -> nn.Module:
             raise UserError("model.name=mlp: the dataset does not say how many outputs it needs; set model.out_features")
         return NeuralNetwork(in_features, list(m.hidden), out)
     cls = import_object(m.name, "model.name", cfg.log.debug)
-    return call(f"model.name '{m.name}' (model.kwargs {m.kwargs})", cls, debug=cfg.log.debug, **m.kwargs)
+    return call(f"model.name '{m.name}'", cls, debug=cfg.log.debug, **m.kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,74 +1,127 @@
-"""The run directory: usable before anything is written, and one writer at a time.
+"""The run directory: checks before anything is built, and one writer at a time.
 
-- `check_usable` (every rank, before the data is built): run.dir must not be a file, and it must be
-  possible to create and write it. It probes with a temporary directory that it removes at once, so
-  a bad run.dir is one line before any file exists; root, for whom permission bits mean little,
-  gets the same answer as anyone else.
-- `lock` (rank 0, before the first write): an exclusive `flock` on `<run dir>/.lock`, held for the
-  life of the process. A second job on a live run directory is refused in one line naming the holder
-  (host, pid, start time). The kernel drops the lock when the holder dies, however it dies, so a
-  crashed or killed job never blocks its rerun. On filesystems where flock is not shared between
-  hosts (some NFS setups), two hosts can each get "the" lock: use a run.dir per job there.
+`check_usable` runs on every rank before anything is built and leaves nothing behind. `lock` runs on
+rank 0 before anything is written: an exclusive `flock` on `run_dir/.lock`, held until the process
+ends. The kernel drops it when the holder dies, however it dies (kill -9 included), so a lock left
+by a dead job never blocks a rerun; the file's text ("host pid started-at") only names the holder
+in the error. A filesystem that refuses flock (some NFS/Lustre mounts) gets a warning and no lock.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from launch.errors import UserError
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the lock is a no-op there
+except ImportError:  # Windows
     fcntl = None
+
+LOCK_NAME = ".lock"
+_held_fds: set[int] = set()  # closed in forked children (DataLoader workers) so only this process holds the lock
+
+
+def _close_in_child() -> None:
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
 
 
 def check_usable(run_dir: Path) -> None:
+    """Raise a one-line UserError when run.dir cannot be used; leaves nothing behind."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        raise UserError(f"run.dir {run_dir} exists and is a file; give a directory")
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"run.dir {run_dir} cannot be created: {existing} is a file, not a directory")
+        raise UserError(f"run.dir {run_dir} exists and is a file")
+    base = _nearest_existing(run_dir.absolute())
+    if not base.is_dir():
+        raise UserError(f"run.dir {run_dir}: {base} is not a directory")
+    action = "write into" if base == run_dir.absolute() else f"create {run_dir} under"
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"run.dir {run_dir}: cannot {action} {base} ({_why_unwritable(base)})")
+    # Permission bits do not tell root (or a special filesystem such as /proc) the truth: try it,
+    # with a temporary directory removed at once, so nothing is left behind.
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".launch-probe-", dir=existing))
+        os.rmdir(tempfile.mkdtemp(prefix=".launch-probe-", dir=base))
     except OSError as e:
-        what = "is not writable" if existing == run_dir else f"cannot be created under {existing}"
-        raise UserError(f"run.dir {run_dir} {what}: {e.strerror or e}") from None
+        raise UserError(f"run.dir {run_dir}: cannot {action} {base} ({e.strerror or e})") from None
+
+
+def _why_unwritable(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only filesystem"
+    except (OSError, AttributeError):
+        pass
+    return "permission denied"
 
 
 class RunLock:
-    def __init__(self, fd=None):
+    """Holds the run directory's lock until `release()` or the end of the process."""
+
+    def __init__(self, fd: Optional[int] = None):
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            _held_fds.discard(self.fd)
+            os.close(self.fd)  # closing the only descriptor drops the flock
             self.fd = None
 
-    __del__ = release  # a run set up and abandoned in one process (tests) must not keep it
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 512, 0).decode(errors="replace").split()
+    except OSError:
+        text = []
+    if len(text) >= 3:
+        return f"host {text[0]}, pid {text[1]}, since {text[2]}"
+    return "holder not recorded yet"
 
 
 def lock(run_dir: Path) -> RunLock:
-    """Take <run dir>/.lock, or raise UserError naming the live job that holds it."""
+    """Create run_dir and take its lock (exclusive, non-blocking); UserError naming the live holder."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         return RunLock()
-    path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's line stays readable
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = _holder(fd)
+            os.close(fd)
+            raise UserError(
+                f"run directory {run_dir} is in use by a live job ({holder}); wait for it, stop it, or use another run.dir"
+            ) from None
         os.close(fd)
-        raise UserError(f"run directory {run_dir} is in use by a live job ({holder}); wait for it, stop it (touch {run_dir}/STOP), or use another run.dir") from None
+        print(f"warning: cannot lock {path} ({os.strerror(e.errno)}): this filesystem does not support flock; "
+              "make sure no other job writes into this run directory", file=sys.stderr, flush=True)
+        return RunLock()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+    _held_fds.add(fd)
     return RunLock(fd)

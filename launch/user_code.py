@@ -1,9 +1,8 @@
 """Calling the user's code (models, datasets, loss functions by import path) with one-line errors.
 
-Whatever goes wrong inside user code, while importing it, constructing it or calling it, becomes
-one line: what was being done, the exception's type and message, and where in the user's file it
-happened (the innermost traceback frame outside torch, this package and the standard library).
-With log.debug=true the full traceback is printed first.
+Whatever the user's module or constructor raises becomes one line that names the import path, the
+exception and where in the user's own file it happened (the innermost frame outside torch, this
+package and the standard library). `log.debug=true` prints the full traceback before that line.
 """
 
 from __future__ import annotations
@@ -13,36 +12,65 @@ import os
 import sys
 import sysconfig
 import traceback
+from pathlib import Path
 
 from launch.errors import UserError
 
-_NOT_USER = tuple(
-    os.path.realpath(p) + os.sep
-    for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], os.path.dirname(os.path.abspath(__file__))}
-)
+_LAUNCH_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= {os.path.dirname(os.__file__)}
+    return tuple(str(Path(d).resolve()) + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS = _library_dirs()
+
+
+def _is_user_file(filename: str) -> bool:
+    if not filename or filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    path = str(Path(filename).resolve())
+    return not path.startswith(_LAUNCH_DIR) and not path.startswith(_LIBRARY_DIRS)
+
+
+def _show(filename: str) -> str:
+    """A path relative to the working directory when it lies under it."""
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return filename if rel.startswith("..") else rel
 
 
 def where(exc: BaseException) -> str:
-    """'(at path:line in function)' for the innermost frame in the user's own files, or ''."""
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f" (at {_short(exc.filename)}:{exc.lineno})"
-    user = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.realpath(f.filename).startswith(_NOT_USER) and not f.filename.startswith("<")]
-    if not user:
+    """' (at file:line in func)' for the innermost traceback frame in a user file; '' when none."""
+    if isinstance(exc, SyntaxError) and exc.filename and _is_user_file(exc.filename):
+        return f" (at {_show(exc.filename)}:{exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
+    if not frames:
         return ""
-    f = user[-1]
-    return f" (at {_short(f.filename)}:{f.lineno} in {f.name})"
+    f = frames[-1]
+    return f" (at {_show(f.filename)}:{f.lineno} in {f.name})"
 
 
-def _short(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
+def _describe(exc: BaseException) -> str:
+    """'Type: first line of the message'."""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _fail(what: str, exc: BaseException, debug: bool) -> UserError:
-    if debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return UserError(f"{what}: {type(exc).__name__}: {first}{where(exc)}" + ("" if debug else " (log.debug=true shows the traceback)"))
+def _print_traceback(exc: BaseException) -> None:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _missing_itself(e: ModuleNotFoundError, module_name: str) -> bool:
+    """The module (or a package above it) does not exist, as opposed to an import inside it failing."""
+    return e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
 
 
 def import_object(path: str, what: str, debug: bool = False):
@@ -50,12 +78,12 @@ def import_object(path: str, what: str, debug: bool = False):
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):  # the named module itself is missing
+    except Exception as e:  # SyntaxError, NameError, a missing dependency: anything the module body raises
+        if isinstance(e, ModuleNotFoundError) and _missing_itself(e, module_name):
             raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
-        raise _fail(f"{what} '{path}': importing module '{module_name}' failed", e, debug) from None
-    except Exception as e:  # the user's module raised while it was imported (SyntaxError, NameError, ...)
-        raise _fail(f"{what} '{path}': importing module '{module_name}' failed", e, debug) from None
+        if debug:
+            _print_traceback(e)
+        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -63,10 +91,18 @@ def import_object(path: str, what: str, debug: bool = False):
 
 
 def call(what: str, fn, *args, debug: bool = False, **kwargs):
-    """Call user code; any exception becomes one line (UserErrors pass through)."""
+    """Call user code; any exception becomes one line naming what failed and where."""
     try:
         return fn(*args, **kwargs)
     except UserError:
         raise
     except Exception as e:
-        raise _fail(what, e, debug) from None
+        if debug:
+            _print_traceback(e)
+        at = where(e)
+        hint = ""
+        if isinstance(e, TypeError) and not at:  # raised by the call itself: the arguments do not fit
+            section = what.split(".", 1)[0]
+            if section in ("model", "data"):
+                hint = f" (called with {kwargs or 'no keyword arguments'}: check {section}.kwargs)"
+        raise UserError(f"{what}: {_describe(e)}{at}{hint}") from None

@@ -49,3 +49,16 @@ def torchrun(n: int, run_dir, *overrides, torchrun_args=(), **kw) -> subprocess.
 
 def output(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+
+
+def wait_for(what: str, found, proc: subprocess.Popen, deadline_s: float = 120):
+    """Poll `found()` until it returns something truthy (returned); fail if `proc` exits first or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        hit = found()
+        if hit:
+            return hit
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen (exit {proc.poll()})")

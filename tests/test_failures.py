@@ -12,7 +12,7 @@ import pytest
 
 from launch import checkpoint
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
-from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun
+from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun, wait_for
 
 BOUND_S = 30  # the whole job must be down this fast after a rank fails
 
@@ -84,15 +84,17 @@ def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
 
 
 def test_sigint_to_single_process_stops_with_exit_75(tmp_path):
-    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1"]
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=20000", "train.epochs=50", "train.check_every_steps=1", "log.every_steps=1"]
     proc = start_training(args, tmp_path)
-    time.sleep(0.5)
+    seen = wait_for_step(tmp_path, proc)  # training steps are under way
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_STOPPED, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT at step"), err
-    assert checkpoint.read_latest(tmp_path / "checkpoints") is not None
+    m = re.fullmatch(r"stopped by SIGINT at step (\d+) .*", lines[0]) if len(lines) == 1 else None
+    assert m and int(m.group(1)) >= seen, err
+    latest = checkpoint.read_latest(tmp_path / "checkpoints")
+    assert latest is not None and checkpoint.load(tmp_path / "checkpoints" / latest)["step"] == int(m.group(1))
 
 
 def test_stop_file_is_honoured_and_consumed(tmp_path):
@@ -189,17 +191,26 @@ def test_doctor_under_torchrun_gathers_every_rank():
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
-    # Agreement only at the epoch end, and a long epoch: the first Ctrl-C is still pending when the second comes.
-    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "data.n_train=400000", "train.check_every_steps=100000"]
-    proc = start_training(args, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1.5)
-    assert proc.poll() is None, "the first Ctrl-C only sets a flag"
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=10)
-    assert proc.returncode == 128 + signal.SIGINT
-    assert time.monotonic() - t0 < 2
+    # The job is stuck where a user reaches for a second Ctrl-C: inside a save that stalls (600 s)
+    # between writing and renaming. The first Ctrl-C only sets a flag; a second one more than 1 s
+    # later (the handler's rule against a double tap) leaves at once. Nothing here races the
+    # machine's speed: the job stays in the stalled save the whole time.
+    args = [PY, "train_single.py", *SMALL, f"run.dir={tmp_path}", "ckpt.every_steps=4"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(LAUNCH_FAULT="stall_save:step=4:seconds=600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ckdir = tmp_path / "checkpoints"
+        wait_for("the stalled save at step 4", lambda: list(ckdir.glob(".step_00000004.pt.tmp-*")), proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.2)  # the handler's own rule: a second Ctrl-C within 1 s of the first is a double tap
+        assert proc.poll() is None, "the first Ctrl-C only sets a flag"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 128 + signal.SIGINT
+        assert time.monotonic() - t0 < 2
+    finally:
+        proc.kill()
+    assert not (ckdir / "step_00000004.pt").exists(), "it left without finishing the stalled save"
 
 
 def test_single_process_calls_no_collectives(tmp_path, monkeypatch):

@@ -1,5 +1,10 @@
-"""A user module that fails while it is imported."""
+"""A user module whose body fails at import (tests/test_lifecycle.py)."""
 
-import math
+from torch import nn
 
-SCALE = math.sqrt(-1)  # line 5: ValueError at import time
+HIDDEN = [32, 16]
+WIDTH = HIDDEN[0] * undefined_factor  # noqa: F821  NameError while importing
+
+
+class Net(nn.Module):
+    pass
