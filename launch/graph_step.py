@@ -137,10 +137,8 @@ class GraphedStep:
         if self.task.static:
             loss.backward()  # a full batch of one process: weight 1
         else:
-            (loss * (1.0 / e.nominal)).backward()
-            grads = [p.grad for p in e.params if p.grad is not None]
-            torch._foreach_mul_(grads, e.nominal / torch.as_tensor(count, dtype=torch.float32, device=loss.device).clamp(min=1))
-        if e.clip > 0:
-            torch.nn.utils.clip_grad_norm_(e.params, e.clip)
+            (loss * e.counted_weight).backward()
+            e.rescale_to_global(count)  # one process: the all-reduce inside is a no-op
+        e.clip_gradients()
         self.optimizer.step()
         self.loss, self.count = loss.detach(), count

@@ -56,7 +56,7 @@ def train_epoch(run: Run) -> tuple[LossTally, int, bool]:
     n_steps = -(-n_micro // accum)
     tally = LossTally(rt.device, s.epoch_loss_sum, s.epoch_loss_count)
     s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
-    batches = iter(run.train_feed.train_epoch(cfg.train.seed, s.epoch, start_at, getattr(run.step, "wants_indices", False)))
+    batches = iter(run.train_feed.train_epoch(cfg.train.seed, s.epoch, start_at, run.step.wants_indices))
     bar = progress_bar(n_steps, f"epoch {s.epoch}", cfg.log.progress, rt.env.is_main)
     run.epoch_started = time.perf_counter()
     save_at_end = False

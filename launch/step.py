@@ -76,6 +76,8 @@ class LossTally:
 class TrainStep:
     """Runs optimizer steps on `module` (the TrainingModule, maybe under DDP and torch.compile)."""
 
+    wants_indices = False  # batches come selected (GraphedStep takes indices instead)
+
     def __init__(self, cfg, rt: Runtime, module: nn.Module, bare: nn.Module, task: Task, optimizer, scheduler, scaler):
         self.cfg, self.rt, self.module, self.task = cfg, rt, module, task
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
@@ -87,6 +89,7 @@ class TrainStep:
         self.step_lr = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
         self.amp = contextlib.nullcontext() if cfg.train.precision == "fp32" else None
         self.nominal = self.k * cfg.data.batch_size * cfg.train.accum_steps * task.per_sample  # elements of a full step
+        self.counted_weight = self.k / self.nominal  # counted elements: backprop sum x this, rescale once N is known
         self.last = (0.0, 1)
         self.eager_step = self  # GraphedStep has its eager TrainStep here too
 
@@ -111,7 +114,7 @@ class TrainStep:
                     weight = self.k * count / total
                     scaled = loss if weight == 1.0 else loss * weight
                 else:
-                    scaled = loss * (self.k / self.nominal)
+                    scaled = loss * self.counted_weight
                     counted = counted + count
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             tally.add(loss.detach(), count, static)
@@ -122,12 +125,8 @@ class TrainStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if counted is not None:  # the global element count is known only now
-            n = torch.as_tensor(counted, dtype=torch.float32, device=self.rt.device).clone()
-            all_reduce_sum(n, self.rt)
-            grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, self.nominal / n.clamp(min=1))
-        if self.clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.rescale_to_global(counted)
+        self.clip_gradients()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -136,6 +135,18 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.step_lr:
             self.scheduler.step()
+
+    def rescale_to_global(self, counted) -> None:
+        """Counted elements: gradients of sum x counted_weight become gradients of sum / N, N the
+        step's element count summed over ranks (one tiny all-reduce; no host sync)."""
+        n = torch.as_tensor(counted, dtype=torch.float32, device=self.rt.device).clone()
+        all_reduce_sum(n, self.rt)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, self.nominal / n.clamp(min=1))
+
+    def clip_gradients(self) -> None:
+        if self.clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.clip)
 
     def last_loss(self) -> float:
         """The last micro-batch's mean loss (for log.every_steps records)."""
