@@ -1,3 +1,3 @@
-"""Shared pieces of the training launcher: config, dist, data, model, loop, checkpoint, logger."""
+"""The training launcher's shared package: the training core here, config/, data/ and commands/ beside it (README: "A tour of the code")."""
 
 __version__ = "0.1.0"
