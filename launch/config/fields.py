@@ -1,7 +1,8 @@
 """The settings, as dataclasses with one docstring per field (the README's reference is generated from them).
 
 Precedence is CLI > YAML file > defaults; `launch.config.parse` reads and applies them and
-`launch.config.validate` checks every range and choice in one place.
+`launch.config.validate` checks every range in one place. A setting with fixed choices says them in
+its type (`Literal[...]`), so parsing refuses any other value with the list.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DataConfig:
     """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval')."""
     num_workers: int = 0
     """DataLoader workers for datasets that are not in-memory tensors (in-memory data is sliced on the device)."""
-    pin_memory: str = "auto"
+    pin_memory: Literal["auto", "true", "false"] = "auto"
     """'auto' (on with CUDA), 'true' or 'false'; DataLoader path only."""
     target: str = ""
     """csv: the label column, by name (with data.header) or 0-based index (without); empty: the last column. Integer or string labels; their names are saved with the run."""
@@ -82,27 +83,30 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # What is trained, for how long, from which seed
     epochs: int = 5
     """Number of passes over the training data."""
+    seed: int = 0
+    """Seed for model initialisation and the per-epoch shuffle (the permutation is a pure function of seed and epoch)."""
+    loss: str = "cross_entropy"
+    """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead."""
+
+    # The optimizer step
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """'sgd' or 'adamw'."""
     lr: float = 0.1
     """Peak learning rate."""
-    optimizer: str = "sgd"
-    """'sgd' or 'adamw'."""
     momentum: float = 0.0
     """SGD momentum."""
     weight_decay: float = 0.0
     """Weight decay (decoupled for AdamW)."""
-    seed: int = 0
-    """Seed for model initialisation and the per-epoch shuffle (the permutation is a pure function of seed and epoch)."""
-    device: str = "auto"
-    """'auto' (CUDA, then MPS for a single process, then CPU), 'cpu', 'cuda' or 'mps'."""
-    precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16' (autocast; fp16 uses a GradScaler)."""
     accum_steps: int = 1
     """Gradient accumulation: micro-batches per optimizer step (DDP syncs only on the last)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    schedule: str = "constant"
+
+    # The learning-rate schedule
+    schedule: Literal["constant", "step", "cosine"] = "constant"
     """LR schedule per optimizer step: 'constant', 'step' or 'cosine' (all with train.warmup_steps of linear warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to train.lr."""
@@ -112,21 +116,27 @@ class TrainConfig:
     """'step' schedule: decay factor."""
     min_lr_ratio: float = 0.0
     """'cosine' schedule: final LR as a fraction of train.lr."""
-    compile: bool = False
-    """Wrap the model in torch.compile (checkpoints stay prefix-free)."""
-    compile_mode: str = "default"
-    """torch.compile mode when train.compile is on: 'default', 'reduce-overhead' (CUDA graphs: for small models where kernel-launch overhead dominates; single process) or 'max-autotune'."""
+
+    # Agreement between ranks
     check_every_steps: int = 10
     """Every this many optimizer steps the ranks agree on stop requests and non-finite losses (one tiny all-reduce)."""
-    loss: str = "cross_entropy"
-    """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead."""
-    cuda_graphs: str = "auto"
+
+    # Where and how fast
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """'auto' (CUDA, then MPS for a single process, then CPU), 'cpu', 'cuda' or 'mps'."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """'fp32', 'bf16' or 'fp16' (autocast; fp16 uses a GradScaler)."""
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     """Capture the whole optimizer step in one CUDA graph and replay it: 'auto' (on for a single CUDA process with in-memory data and a launch-bound model, once the GPU lane has measured it), 'on' or 'off'."""
+    compile: bool = False
+    """Wrap the model in torch.compile (checkpoints stay prefix-free)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode when train.compile is on: 'default', 'reduce-overhead' (CUDA graphs: for small models where kernel-launch overhead dominates; single process) or 'max-autotune'."""
 
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
     timeout_s: float = 30.0
     """Seconds before a collective (and init_process_group) gives up, so a dead peer ends the job fast."""
@@ -156,7 +166,7 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    progress: str = "auto"
+    progress: Literal["auto", "true", "false"] = "auto"
     """tqdm progress bar on rank 0: 'auto' (when stderr is a terminal), 'true' or 'false'."""
     every_steps: int = 0
     """Also write a metrics.jsonl record every this many optimizer steps (0: per epoch only)."""

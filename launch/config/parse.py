@@ -66,6 +66,13 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(key, value, args[0])
+    if origin is typing.Literal:  # a fixed set of choices
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no/true/false as booleans
+            value = ("on" if value else "off") if "on" in choices else ("true" if value else "false")
+        if value not in choices:
+            raise UserError(f"{key}: must be one of {', '.join(choices)}, got '{value}'")
+        return value
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -1,4 +1,5 @@
-"""Every range and choice check in one place, so a bad value fails before anything starts."""
+"""Every range check in one place, so a bad value fails before anything starts. (Settings with fixed
+choices are checked against their `Literal[...]` type while they are read: launch.config.parse.)"""
 
 from __future__ import annotations
 
@@ -6,11 +7,6 @@ from launch.errors import UserError
 
 BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}: must be one of {', '.join(choices)}, got '{value}'")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -44,7 +40,6 @@ def _data(d) -> None:
     if d.classes < 2:
         raise UserError(f"data.classes: must be >= 2, got {d.classes}")
     _positive("data.num_workers", d.num_workers, allow_zero=True)
-    _choice("data.pin_memory", d.pin_memory, ("auto", "true", "false"))
     if d.name in ("csv", "npz", "mnist") and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
     if not 0.0 <= d.val_fraction < 1.0:
@@ -59,15 +54,10 @@ def _data(d) -> None:
 def _train(t) -> None:
     _positive("train.epochs", t.epochs)
     _positive("train.lr", t.lr)
-    _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
     _positive("train.momentum", t.momentum, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _choice("train.device", t.device, ("auto", "cpu", "cuda", "mps"))
-    _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
     _positive("train.accum_steps", t.accum_steps)
-    _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune"))
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    _choice("train.schedule", t.schedule, ("constant", "step", "cosine"))
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     _positive("train.step_every", t.step_every)
     _positive("train.gamma", t.gamma)
@@ -76,12 +66,9 @@ def _train(t) -> None:
     _positive("train.check_every_steps", t.check_every_steps)
     if t.loss not in BUILTIN_LOSSES and ":" not in t.loss:
         raise UserError(f"train.loss: must be one of {', '.join(BUILTIN_LOSSES)} or an import path 'pkg.module:fn', got '{t.loss}'")
-    t.cuda_graphs = {"true": "on", "false": "off"}.get(t.cuda_graphs, t.cuda_graphs)  # YAML reads on/off as booleans
-    _choice("train.cuda_graphs", t.cuda_graphs, ("auto", "on", "off"))
 
 
 def _rest(di, c, lg) -> None:
-    _choice("dist.backend", di.backend, ("auto", "nccl", "gloo"))
     _positive("dist.timeout_s", di.timeout_s)
     _positive("dist.bucket_cap_mb", di.bucket_cap_mb)
     _positive("ckpt.every_steps", c.every_steps, allow_zero=True)
@@ -91,7 +78,6 @@ def _rest(di, c, lg) -> None:
     if not c.resume:
         raise UserError("ckpt.resume: must be 'auto', 'never' or a checkpoint path, got ''")
     _positive("ckpt.barrier_timeout_s", c.barrier_timeout_s)
-    _choice("log.progress", lg.progress, ("auto", "true", "false"))
     _positive("log.every_steps", lg.every_steps, allow_zero=True)
     if lg.profile_steps:
         profile_range(lg.profile_steps)
