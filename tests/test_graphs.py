@@ -16,7 +16,7 @@ from launch.dist import DistEnv, setup
 from launch.errors import UserError
 from launch.loop import train
 from launch.stopping import Stopped
-from tests.helpers import SMALL, output, single
+from tests.helpers import PY, SMALL, output, run, single
 
 GRAPH_JOB = [*SMALL, "data.n_train=389", "train.device=cpu", "train.momentum=0.9", "train.grad_clip=0.5", "train.schedule=cosine", "train.warmup_steps=3"]
 
@@ -120,8 +120,6 @@ def _weights(d):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_gpu_graphed_equals_eager_after_two_epochs(tmp_path, optimizer):
-    from tests.helpers import PY, run
-
     runs = {}
     for mode in ("off", "on"):
         p = run([PY, "train_single.py", *CUDA_JOB, f"train.optimizer={optimizer}", f"train.cuda_graphs={mode}", f"run.dir={tmp_path / mode}"], timeout=300)
@@ -135,8 +133,6 @@ def test_gpu_graphed_equals_eager_after_two_epochs(tmp_path, optimizer):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_graphs_stop_on_request_and_resume_bitwise(tmp_path):
-    from tests.helpers import PY, run
-
     cmd = [PY, "train_single.py", *CUDA_JOB, "train.cuda_graphs=on"]
     ref = run([*cmd, f"run.dir={tmp_path / 'ref'}"], timeout=300)
     assert ref.returncode == 0, output(ref)
