@@ -96,7 +96,11 @@ class CausalSelfAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)  # queries, keys and values in one matmul
+        # Queries, keys and values in one matmul, without biases: a key bias adds q.b to every score
+        # of a row, which softmax ignores, so its gradient is zero in exact arithmetic. AdamW would
+        # divide that zero's rounding noise by its own RMS and take lr-sized steps on it, and runs
+        # that differ only in summation order (DDP against one process) would drift apart there.
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
