@@ -8,6 +8,8 @@ LAUNCH_FAULT holds ';'-separated items `kind:key=value:...`, for example
 - stop: request a stop, as SIGTERM would;
 - stall_save: sleep `seconds` between writing a checkpoint and renaming it (kill the writer there).
 `rank` (default any) and `attempt` (TORCHELASTIC_RESTART_COUNT, default any) narrow an item.
+With LAUNCH_FAULT_MARK=PATH, raise and kill first write the time (time.time()) to PATH, so a test
+can measure how fast the job goes down from the failure itself, not from the launch.
 Unset in normal runs: then every check is a dictionary lookup on an empty dict.
 """
 
@@ -45,6 +47,9 @@ class Faults:
         """Run crash faults for `step`; return True if this step's loss must be NaN."""
         nan = False
         for f in self.kinds_at(step):
+            if f["kind"] in ("raise", "kill") and os.environ.get("LAUNCH_FAULT_MARK"):
+                with open(os.environ["LAUNCH_FAULT_MARK"], "w") as mark:
+                    mark.write(repr(time.time()))
             if f["kind"] == "raise":
                 raise RuntimeError(f"injected failure at step {step} (LAUNCH_FAULT)")
             if f["kind"] == "kill":
