@@ -1,5 +1,6 @@
-"""Every range check in one place, so a bad value fails before anything starts. (Settings with fixed
-choices are checked against their `Literal[...]` type while they are read: launch.config.parse.)"""
+"""Every range check and every check of a name (model, dataset, loss) in one place, so a bad value
+fails before anything starts. (Settings with fixed choices are checked against their `Literal[...]`
+type while they are read: launch.config.parse.)"""
 
 from __future__ import annotations
 
