@@ -227,7 +227,11 @@ def test_foreign_run_directory_is_refused_and_never_overwritten(reference, tmp_p
 def test_a_checkpoint_written_before_the_restructure_resumes_after_it(tmp_path):
     """tests/fixtures/pre_split_run: a run stopped mid-epoch 1 at step 30 by the loop as it was
     before it was split into modules (SMALL, single process, CPU). Resuming it now must finish the
-    run with exactly the weights that loop reached uninterrupted (tests/fixtures/pre_split_model.pt)."""
+    run with the weights that loop reached uninterrupted (tests/fixtures/pre_split_model.pt).
+
+    Bitwise only on the CPU kind the fixture was made on: torch picks its kernels by CPU capability
+    (AVX2 vs AVX512 round float sums differently, 3e-8 here), so other machines are held to 1e-6,
+    far below what a wrong resume point, order or optimizer state gives (1e-2 and up)."""
     import shutil
 
     fixtures = ROOT / "tests" / "fixtures"
@@ -239,4 +243,4 @@ def test_a_checkpoint_written_before_the_restructure_resumes_after_it(tmp_path):
     new = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert old.keys() == new.keys()
     for k in old:
-        assert torch.equal(old[k], new[k]), k
+        assert (old[k] - new[k]).abs().max() <= 1e-6, k
