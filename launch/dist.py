@@ -200,6 +200,16 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
+def gather_to_main(obj, rt: Runtime) -> Optional[list]:
+    """Every rank's `obj` as a list on rank 0 (None elsewhere), over the gloo side group: picklable
+    objects of the launcher's own (RNG states), never user data."""
+    if not (rt.env.distributed and rt.env.world_size > 1):
+        return [obj]
+    out = [None] * rt.env.world_size if rt.env.is_main else None
+    dist.gather_object(obj, out, dst=0, group=rt.save_group)
+    return out
+
+
 def save_barrier(rt: Runtime) -> None:
     """All ranks wait here while rank 0 writes a checkpoint (long timeout, gloo)."""
     if rt.env.distributed and rt.env.world_size > 1:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from launch.errors import UserError
-from launch.user_code import call, import_object
+from launch.user_code import build_kwargs, call, import_object
 
 
 class NeuralNetwork(nn.Module):
@@ -41,7 +41,7 @@ def build_model(cfg, in_features: int, num_classes: Optional[int]) -> nn.Module:
             raise UserError("model.name=mlp: the dataset does not say how many outputs it needs; set model.out_features")
         return NeuralNetwork(in_features, list(m.hidden), out)
     cls = import_object(m.name, "model.name", cfg.log.debug)
-    return call(f"model.name '{m.name}'", cls, debug=cfg.log.debug, **m.kwargs)
+    return call(f"model.name '{m.name}'", cls, debug=cfg.log.debug, **build_kwargs(m.kwargs, "model.kwargs", cfg.log.debug))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
 from torch import nn
 
-from launch import checkpoint, config as config_mod, graph_step, rundir, state as state_mod
+from launch import checkpoint, config as config_mod, graph_step, parallel, randomness, rundir, state as state_mod
 from launch.data.build import build_data
-from launch.data.feeder import Feeder
-from launch.data.order import steps_per_epoch
+from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
 from launch.dist import Runtime, print0, rank_table, save_barrier
 from launch.errors import UserError
@@ -45,10 +44,11 @@ class Run:
     task: Task
     parts: Trainables
     state: TrainState
-    train_feed: Feeder
-    eval_feed: Feeder
+    train_feed: Any  # launch.data.feeder.Feeder or launch.data.stream.StreamFeeder
+    eval_feed: Any
     faults: Faults
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]  # None for a stream
+    strategy: Any = None  # launch.parallel
     step: Any = None  # TrainStep
     metrics: Any = None
     resources: Any = None
@@ -66,9 +66,14 @@ class Run:
     def scheduler(self):
         return self.parts.scheduler
 
+    def out_of_steps(self) -> bool:
+        """train.max_steps reached (never, when it is 0)."""
+        return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
+
     def save(self, totals: torch.Tensor) -> None:
         """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the partial epoch."""
         stall = self.faults.save_stall(self.state.step)
+        self.state.stream_state = getattr(self.train_feed, "state", None)
         state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say)
 
     def finish(self, record: dict) -> dict:
@@ -87,16 +92,22 @@ class Run:
 def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     rundir.check_usable(cfg.run_dir)
-    data, bare, task, feeds = _build(cfg, rt)
-    per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+    data, bare, task, feeds, sample = _build(cfg, rt)
+    strategy = parallel.make(cfg, rt, say)
+    strategy.prepare(bare, task, sample)  # before the optimizer: it may swap layers or shard parameters
+    if task.output_note:
+        say(task.output_note)
+    randomness.seed_rank(cfg.train.seed, rt.env.rank)  # weights are initialised: from here on each rank draws its own stream
+    per_epoch = feeds[0].steps_per_epoch(cfg.train.accum_steps)
     graphs, graph_note = graph_step.decide(cfg, rt, feeds[0].in_memory, sum(p.numel() for p in bare.parameters()))
     optimizer = make_optimizer(cfg, bare.parameters(), capturable=graphs and rt.device.type == "cuda")
-    parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, per_epoch * cfg.train.epochs), make_scaler(cfg, rt.device))
+    parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, total_steps(cfg, per_epoch)), make_scaler(cfg, rt.device))
     resumed_from, ckpt = state_mod.choose_resume(cfg, say)
     state = TrainState()
     if resumed_from is not None:
-        state = state_mod.restore(ckpt, resumed_from, parts, rt.env.is_main)
-    run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch)
+        state = state_mod.restore(ckpt, resumed_from, parts, rt.env.rank, rt.env.world_size, cfg.train.seed)
+        feeds[0].state = state.stream_state
+    run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch, strategy)
     try:
         _open_run_dir(run, resumed_from, ckpt)
         _finish_setup(run, graphs, graph_note)
@@ -111,16 +122,15 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
     """The wrapped module, the step, and the per-run meters."""
     cfg, rt, say, bare, parts, data, state = run.cfg, run.rt, run.say, run.bare, run.parts, run.data, run.state
     optimizer, task = parts.optimizer, run.task
-    module = _wrap(cfg, rt, TrainingModule(bare, task))
-    run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler)
+    module = _compile(cfg, run.strategy.wrap(TrainingModule(bare, task)))
+    run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler, run.strategy)
     if graphs:
         run.step = graph_step.GraphedStep(run.step, run.train_feed)
     if graph_note:
         say(graph_note)
     run.resources = ResourceMeter(rt)
-    if cfg.log.tensorboard and rt.env.is_main:  # the norm at each epoch's last optimizer step, for TensorBoard
-        rest = len(data.train) - min(state.samples_in_epoch, len(data.train))
-        first_end = state.step + steps_per_epoch(rest, cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+    if cfg.log.tensorboard and rt.env.is_main and run.steps_per_epoch:  # the norm at each epoch's last optimizer step, for TensorBoard
+        first_end = state.step + run.train_feed.steps_left(state.samples_in_epoch, cfg.train.accum_steps)
         run.grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: run.state.step, first_end)
     run.profiler = make_profiler(cfg, rt.env.rank, rt.device, say)
     module.train()
@@ -131,24 +141,35 @@ def _build(cfg, rt: Runtime):
     env = rt.env
     data = build_data(cfg)
     global_batch = cfg.data.batch_size * env.world_size
-    if len(data.train) < global_batch:
+    if data.train.stream:
+        if not cfg.train.max_steps:
+            raise UserError(f"data.name '{cfg.data.name}' is a stream (an IterableDataset): set train.max_steps, there is no length to count epochs by")
+    elif len(data.train) < global_batch:
         raise UserError(
             f"the training set has {len(data.train)} samples, fewer than one global batch "
             f"({cfg.data.batch_size} per process x {env.world_size} processes = {global_batch})"
         )
-    if len(data.eval) == 0:
+    if not data.eval.stream and len(data.eval) == 0:
         raise UserError("the evaluation set is empty")
     if cfg.log.tensorboard:
         tensorboard_writer_class()  # on every rank: a missing package stops them all alike
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
     task = Task(cfg, bare)
-    train_feed = Feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
-    eval_feed = Feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
+    train_feed = make_feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
+    eval_feed = make_feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
     inputs, target = train_feed.sample_batch()
     task.check(bare, inputs, target)
     task.decide_counts(data.train, target)
-    return data, bare, task, (train_feed, eval_feed)
+    return data, bare, task, (train_feed, eval_feed), (inputs, target)
+
+
+def total_steps(cfg, per_epoch: Optional[int]) -> int:
+    """Optimizer steps the run will take (for the LR schedule): epochs, capped by train.max_steps."""
+    if per_epoch is None:
+        return cfg.train.max_steps
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
 def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
@@ -189,19 +210,7 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
         say(f"torchrun restart {rt.env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
 
 
-def _wrap(cfg, rt: Runtime, module: nn.Module) -> nn.Module:
-    """DDP only with more than one process: a one-rank all-reduce does nothing useful, so a
-    one-process torchrun job costs what a plain process costs."""
-    if rt.env.world_size > 1:
-        d = cfg.dist
-        module = nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            bucket_cap_mb=d.bucket_cap_mb,
-            gradient_as_bucket_view=d.gradient_as_bucket_view,
-            static_graph=d.static_graph,
-            find_unused_parameters=d.find_unused_parameters,
-        )
+def _compile(cfg, module: nn.Module) -> nn.Module:
     if cfg.train.compile:
         # mode="reduce-overhead" records CUDA graphs: worth it for small models whose steps are launch-bound.
         module = torch.compile(module, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)

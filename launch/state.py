@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from launch import checkpoint
-from launch.dist import Runtime, all_reduce_sum, save_barrier
+from launch import checkpoint, randomness
+from launch.dist import Runtime, all_reduce_sum, gather_to_main, save_barrier
 from launch.model import clean_state_dict
 
 
@@ -27,6 +27,7 @@ class TrainState:
     samples_in_epoch: int = 0  # global samples consumed in `epoch` (the resume point inside it)
     epoch_loss_sum: float = 0.0  # global train-loss sum so far in `epoch` (carried by rank 0 on resume)
     epoch_loss_count: float = 0  # elements in that sum
+    stream_state: Optional[dict] = None  # a stateful stream's own state at samples_in_epoch (launch.data.stream)
 
 
 @dataclass
@@ -49,7 +50,7 @@ def optimizer_state(optimizer) -> dict:
     return sd
 
 
-def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict) -> dict:
+def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict, rngs: Optional[list] = None) -> dict:
     return {
         "model": clean_state_dict(t.model.state_dict()),
         "optimizer": optimizer_state(t.optimizer),
@@ -62,14 +63,16 @@ def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict
         "epoch_loss_count": s.epoch_loss_count,
         "world_size": world_size,
         "batch_size": cfg.data.batch_size,
-        "rng": checkpoint.rng_state(),
+        "rng": randomness.state(),  # rank 0's (what checkpoints before per-rank streams held)
+        "rng_ranks": rngs or [randomness.state()],  # every rank's stream, restored to that rank
+        "stream_state": s.stream_state,
         "config": cfg.to_dict(),
         "data_state": data_state,
         "torch_version": str(torch.__version__),
     }
 
 
-def restore(ckpt: dict, origin: Path, t: Trainables, is_main: bool) -> TrainState:
+def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int) -> TrainState:
     try:
         t.model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
@@ -80,11 +83,24 @@ def restore(ckpt: dict, origin: Path, t: Trainables, is_main: bool) -> TrainStat
         t.scheduler.load_state_dict(ckpt["scheduler"])
     if t.scaler is not None and ckpt.get("scaler"):
         t.scaler.load_state_dict(ckpt["scaler"])
-    checkpoint.set_rng_state(ckpt["rng"])
-    s = TrainState(ckpt["epoch"], ckpt["step"], ckpt["samples_in_epoch"])
-    if is_main:  # the saved partial-epoch loss is a global sum: rank 0 alone carries it forward
+    restore_rng(ckpt, rank, world_size, seed)
+    s = TrainState(ckpt["epoch"], ckpt["step"], ckpt["samples_in_epoch"], stream_state=ckpt.get("stream_state"))
+    if rank == 0:  # the saved partial-epoch loss is a global sum: rank 0 alone carries it forward
         s.epoch_loss_sum, s.epoch_loss_count = ckpt["epoch_loss_sum"], ckpt["epoch_loss_count"]
     return s
+
+
+def restore_rng(ckpt: dict, rank: int, world_size: int, seed: int) -> None:
+    """Each rank gets its own saved stream back. At another world size there is no stream to give a
+    new rank: every rank's is derived anew from (seed, rank, step), and dropout masks differ from an
+    uninterrupted run from here on (the data order does not: it is global)."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == world_size:
+        randomness.set_state(ranks[rank])
+    elif ranks is None and rank == 0:  # a checkpoint from before per-rank streams
+        randomness.set_state(ckpt["rng"])
+    else:
+        randomness.seed_rank(randomness.mix(seed, ckpt["step"]), rank)
 
 
 def choose_resume(cfg, say: Callable[[str], None]) -> tuple[Optional[Path], Optional[dict]]:
@@ -107,8 +123,9 @@ def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, d
     """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
     so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits."""
     all_reduce_sum(totals, rt)
+    rngs = gather_to_main(randomness.state(), rt)
     if rt.env.is_main:
         at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
-        path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
+        path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
         say(f"saved {path}")
     save_barrier(rt)

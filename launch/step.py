@@ -78,11 +78,11 @@ class TrainStep:
 
     wants_indices = False  # batches come selected (GraphedStep takes indices instead)
 
-    def __init__(self, cfg, rt: Runtime, module: nn.Module, bare: nn.Module, task: Task, optimizer, scheduler, scaler):
+    def __init__(self, cfg, rt: Runtime, module: nn.Module, bare: nn.Module, task: Task, optimizer, scheduler, scaler, strategy):
         self.cfg, self.rt, self.module, self.task = cfg, rt, module, task
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.strategy = strategy  # launch.parallel: how gradients meet across ranks
         self.k = rt.env.world_size
-        self.ddp = self.k > 1  # the model is wrapped in DDP exactly then (launch.loop)
         self.params = [p for p in bare.parameters() if p.requires_grad]
         self.clip = cfg.train.grad_clip
         # A constant schedule without warmup has factor 1 forever: LambdaLR.step() would only cost time.
@@ -101,7 +101,7 @@ class TrainStep:
         for i in range(n_micro):
             inputs, target, n = next(batches)
             last = i == n_micro - 1
-            with contextlib.nullcontext() if (last or not self.ddp) else self.module.no_sync():
+            with self.strategy.micro_step(self.module, sync=last, real=n > 0):
                 with self.amp or autocast_context(self.cfg, self.rt.device):
                     loss, count = self.module(inputs, target)
                 if poison:
@@ -146,7 +146,7 @@ class TrainStep:
 
     def clip_gradients(self) -> None:
         if self.clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.strategy.clip(self.params, self.clip)
 
     def last_loss(self) -> float:
         """The last micro-batch's mean loss (for log.every_steps records)."""

@@ -1,14 +1,20 @@
 """The task: how a batch becomes a loss and metrics. The extension point for your own model.
 
-train.loss picks a built-in loss or an import path `pkg.module:fn` with
-`fn(output, target) -> per-element losses` (no reduction). A model with a method
-`loss(self, batch) -> (loss_sum, count)` brings its own loss instead (batch = (inputs, target)).
+The loss comes from one of four places (`Task.kind`):
+- a built-in `train.loss` (cross_entropy, mse, l1, bce_with_logits) applied to the model's output:
+  a tensor, the `logits` of a mapping (a Hugging Face ModelOutput) or the first element of a tuple;
+- `train.loss=pkg.module:fn`, `fn(output, target) -> per-element losses` (no reduction), given the
+  model's output as it returns it;
+- the model's own loss method, `loss(self, batch) -> (loss_sum, count)` (batch = (inputs, target));
+- the loss a model computes in its forward (`model.loss_arg`: Hugging Face `labels=`, nanoGPT
+  `targets`), declared a mean or a sum by `model.loss_reduction` (launch.losses).
 
 Every loss is a sum over elements divided by an element count: samples for a classifier or a
-regression, tokens for a sequence model (targets equal to -100 do not count). The step weights
-each rank's sum by the GLOBAL count of its optimizer step, so DDP computes what one process
-computes on the whole global batch. Counts are "static" when they follow from shapes alone
-(no ignored targets possible); otherwise they are counted and, in DDP, summed over ranks.
+regression, tokens for a sequence model (targets equal to train.ignore_index do not count). The step
+weights each rank's sum by the GLOBAL count of its optimizer step, so DDP computes what one process
+computes on the whole global batch. Counts are "static" when they follow from shapes alone (no
+ignored targets possible); otherwise they are counted and, in DDP, summed over ranks. Before
+training, `check` refuses a misfit in one line, including a mean returned where a sum is expected.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.data.types import Split, call_model
+from launch import losses
+from launch.data.types import Split, call_model, model_output
 from launch.errors import UserError
 from launch.user_code import call, import_object
 
-IGNORE_INDEX = -100
 BUILTIN = ("cross_entropy", "mse", "l1", "bce_with_logits")
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
 _ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "bce_with_logits": F.binary_cross_entropy_with_logits}
@@ -46,13 +52,21 @@ def class_layout(output: torch.Tensor, target: torch.Tensor):
 class Task:
     def __init__(self, cfg, model: nn.Module):
         self.name = cfg.train.loss
-        self.kind = "model" if callable(getattr(model, "loss", None)) else ("function" if self.name not in BUILTIN else self.name)
+        if cfg.model.loss_arg:
+            self.kind = "output"
+        elif callable(getattr(model, "loss", None)):
+            self.kind = "model"
+        else:
+            self.kind = "function" if self.name not in BUILTIN else self.name
         self.fn = import_object(self.name, "train.loss", cfg.log.debug) if self.kind == "function" else None
+        self.own = losses.OwnLoss(cfg) if self.kind == "output" else None
+        self.ignore_index = cfg.train.ignore_index
         self.debug = cfg.log.debug
         self.classification = self.kind in CLASSIFICATION
         self.static = False  # set by decide_counts
         self.per_sample = 1  # target elements per sample (static counts)
         self.classes = None  # cross_entropy: the model's number of classes, seen by check()
+        self.output_note = ""  # how the model's output was read, said once at start-up
 
     # ------------------------------------------------------------------ training
 
@@ -61,15 +75,18 @@ class Task:
         else the local sum and its count (a tensor or int)."""
         if self.kind == "model":
             return model.loss((inputs, target))
-        output = call_model(model, inputs)
+        if self.kind == "output":
+            return self.own.sum_and_count(model, inputs, target)
+        raw = call_model(model, inputs)
         if self.kind == "function":
-            per = self.fn(output, target)
+            per = self.fn(raw, target)
             return per.float().sum(), per.numel()
+        output = model_output(raw)[0]
         reduction = "mean" if self.static else "sum"
         if self.kind == "cross_entropy":
             logits, labels = class_layout(output, target)
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction=reduction)
-            return loss, (labels.numel() if self.static else (labels != IGNORE_INDEX).sum())
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction=reduction)
+            return loss, (labels.numel() if self.static else (labels != self.ignore_index).sum())
         loss = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction=reduction)
         return loss, target.numel()
 
@@ -77,17 +94,18 @@ class Task:
 
     def eval_sums(self, model: nn.Module, inputs, target) -> torch.Tensor:
         """[loss sum, element count, correct] in float64 for one batch (correct is 0 without accuracy)."""
-        if self.kind == "model":
-            s, c = model.loss((inputs, target))
+        if self.kind in ("model", "output"):
+            s, c = model.loss((inputs, target)) if self.kind == "model" else self.own.sum_and_count(model, inputs, target)
             return torch.stack([torch.as_tensor(s).double(), torch.as_tensor(c).double(), torch.zeros((), dtype=torch.float64)]).to(target.device)
-        output = call_model(model, inputs)
+        raw = call_model(model, inputs)
         if self.kind == "function":
-            per = self.fn(output, target).double()
+            per = self.fn(raw, target).double()
             return torch.stack([per.sum(), per.new_tensor(float(per.numel())), per.new_zeros(())])
+        output = model_output(raw)[0]
         if self.kind == "cross_entropy":
             logits, labels = class_layout(output, target)
-            per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none").double()
-            valid = labels != IGNORE_INDEX
+            per = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none").double()
+            valid = labels != self.ignore_index
             correct = ((logits.argmax(dim=1) == labels) & valid).sum()
             return torch.stack([per.sum(), valid.sum().double(), correct.double()])
         per = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction="none").double()
@@ -104,24 +122,31 @@ class Task:
         try:
             with torch.no_grad():
                 if self.kind == "model":
-                    out = call("model.loss(batch)", model.loss, (inputs, target), debug=self.debug)
-                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                        raise UserError(f"model.loss(batch) must return (loss_sum, count), got {type(out).__name__}")
+                    losses.check_method_sums(model, inputs, target, self.debug)
+                    self.output_note = "loss: the model's loss(batch) method (sum, count)"
                     return
-                output = call(f"model.name forward on a batch of {target.shape[0]}", call_model, model, inputs, debug=self.debug)
-                if not isinstance(output, torch.Tensor):
-                    raise UserError(f"the model must return one tensor for {where}, got {type(output).__name__}")
+                if self.kind == "output":
+                    self.output_note = self.own.check(model, inputs, target, self.debug)
+                    return
+                raw = call(f"model.name forward on a batch of {target.shape[0]}", call_model, model, inputs, debug=self.debug)
+                if self.kind == "function":
+                    self._check_function(raw, target)
+                    return
+                output, how = model_output(raw)
+                if how:
+                    self.output_note = f"model output: {how}"
                 self._check_pair(output, target, where)
         finally:
             model.train(was)
 
+    def _check_function(self, raw, target: torch.Tensor) -> None:
+        per = call(f"train.loss '{self.name}'", self.fn, raw, target, debug=self.debug)
+        if not isinstance(per, torch.Tensor) or per.dim() == 0 or not per.is_floating_point():
+            out = f"model output {_shape(raw)}" if isinstance(raw, torch.Tensor) else f"a {type(raw).__name__} from the model"
+            raise UserError(f"train.loss '{self.name}' must return per-element losses (a float tensor, no reduction); got {per!r:.60} for {out} and target {_shape(target)}")
+
     def _check_pair(self, output: torch.Tensor, target: torch.Tensor, where: str) -> None:
         pair = f"model output {_shape(output)} and target {_shape(target)} ({str(target.dtype).replace('torch.', '')})"
-        if self.kind == "function":
-            per = call(f"train.loss '{self.name}'", self.fn, output, target, debug=self.debug)
-            if not isinstance(per, torch.Tensor) or per.dim() == 0 or not per.is_floating_point():
-                raise UserError(f"train.loss '{self.name}' must return per-element losses (a float tensor, no reduction); got {per!r:.60} for {pair}")
-            return
         if self.kind == "cross_entropy":
             if target.is_floating_point() or target.dtype == torch.bool:
                 raise UserError(f"{where} needs integer class targets, got {pair}; for regression set train.loss=mse or l1, for 0/1 targets with one output bce_with_logits")
@@ -143,9 +168,9 @@ class Task:
             self.static = True
         elif self.kind == "cross_entropy" and split.dataset is None:
             y = split.y
-            ignored = bool((y == IGNORE_INDEX).any())
-            valid = y[y != IGNORE_INDEX]
+            ignored = bool((y == self.ignore_index).any())
+            valid = y[y != self.ignore_index]
             classes = self.classes
             if classes and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
-                raise UserError(f"{self.name}: class targets must lie in [0, {classes}) (or be -100 to ignore), the training data holds {int(valid.min())}..{int(valid.max())}")
+                raise UserError(f"{self.name}: class targets must lie in [0, {classes}) (or be {self.ignore_index} to ignore), the training data holds {int(valid.min())}..{int(valid.max())}")
             self.static = not ignored

@@ -106,3 +106,32 @@ def call(what: str, fn, *args, debug: bool = False, **kwargs):
             if section in ("model", "data"):
                 hint = f" (called with {kwargs or 'no keyword arguments'}: check {section}.kwargs)"
         raise UserError(f"{what}: {_describe(e)}{at}{hint}") from None
+
+
+TARGET_KEY, ARGS_KEY = "_target_", "_args_"
+
+
+def build_kwargs(kwargs: dict, where: str, debug: bool = False) -> dict:
+    """model.kwargs / data.kwargs with every nested `{_target_: pkg.module:Name, ...}` built first,
+    innermost first (Hydra's convention; `_args_` holds positional arguments). So a Hugging Face model
+    takes `config: {_target_: transformers:GPT2Config, n_layer: 2}` and nanoGPT's GPT a GPTConfig,
+    with no wrapper class. Plain values pass through unchanged."""
+    return {k: _build(v, f"{where}.{k}", debug) for k, v in kwargs.items()}
+
+
+def _build(value, where: str, debug: bool):
+    if isinstance(value, list):
+        return [_build(v, f"{where}[{i}]", debug) for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    if TARGET_KEY not in value:
+        return {k: _build(v, f"{where}.{k}", debug) for k, v in value.items()}
+    target = value[TARGET_KEY]
+    if not isinstance(target, str) or ":" not in target:
+        raise UserError(f"{where}.{TARGET_KEY}: expected an import path 'pkg.module:Name', got {target!r}")
+    args = value.get(ARGS_KEY, [])
+    if not isinstance(args, list):
+        raise UserError(f"{where}.{ARGS_KEY}: expected a list of positional arguments, got {args!r}")
+    kwargs = {k: _build(v, f"{where}.{k}", debug) for k, v in value.items() if k not in (TARGET_KEY, ARGS_KEY)}
+    fn = import_object(target, where, debug)
+    return call(f"{where} ({target})", fn, *[_build(a, where, debug) for a in args], debug=debug, **kwargs)

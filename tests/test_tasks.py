@@ -87,10 +87,10 @@ def test_dict_batch_with_two_inputs(tmp_path):
 @pytest.mark.parametrize("overrides, needle", [
     # the regression without train.loss=mse: float targets and one logit
     (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression"], "train.loss=cross_entropy needs integer class targets"),
-    (["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.loss=mse"], "same shape, got model output [2, 10, 12] and target [2, 10]"),
+    (["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.loss=mse"], "same shape, got model output [4, 10, 12] and target [4, 10]"),
     (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Tokens"], "RuntimeError: mat1 and mat2 must have the same dtype"),
     (["model.name=tests.user_code:Linear1", "model.kwargs={features: 6}", "data.name=tests.user_code:Blobs"], "over a single logit is always 0"),
-    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "data.kwargs={shape: flat}", "train.loss=mse"], "model output [2, 1] and target [2]"),
+    (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "data.kwargs={shape: flat}", "train.loss=mse"], "model output [4, 1] and target [4]"),
     (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Triples", "train.loss=mse"], "an item must be (inputs, target) or a dict"),
     (["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.loss=tests.user_code:nope"], "has no 'nope'"),
 ])

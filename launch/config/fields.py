@@ -32,7 +32,11 @@ class ModelConfig:
     out_features: Optional[int] = None
     """Number of logits. Empty: the dataset's number of classes; if set it must match it."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path model class."""
+    """Keyword arguments for an import-path model class. A nested mapping with `_target_: pkg.module:Name` is built first (Hydra's convention; `_args_` for positional arguments), e.g. `config: {_target_: transformers:GPT2Config, n_layer: 2}`."""
+    loss_arg: str = ""
+    """A model that computes its own loss in forward: the keyword it takes the target under ('labels' for Hugging Face, 'targets' for nanoGPT). The launcher passes the target there and uses the returned loss (.loss, ['loss'] or the scalar in a tuple) instead of train.loss. Empty: off."""
+    loss_reduction: Literal["mean", "mean_shifted", "sum"] = "mean"
+    """With model.loss_arg: what the model's loss is, so it is weighted exactly: 'mean' over the targets other than train.ignore_index (nanoGPT), 'mean_shifted' the same over targets shifted by one inside the model (Hugging Face causal LMs), or 'sum'. Checked on the first batch."""
 
 
 @dataclass
@@ -58,7 +62,13 @@ class DataConfig:
     path: str = ""
     """File or directory for file-based datasets (csv, npz, mnist)."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval')."""
+    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs."""
+    collate: str = ""
+    """Import path 'pkg.module:fn' of a collate function (a list of items -> a batch), e.g. padding variable-length sequences with -100 targets. Empty: torch's default_collate."""
+    seed_samples: bool = True
+    """Seed torch, random and numpy before loading each sample with (train.seed, epoch, index), so random augmentation is the same for any data.num_workers, world size and resume point (Dataset and stream items; about 15-30 us per sample)."""
+    eval_max_samples: int = 0
+    """Evaluate on the first this many samples of the evaluation split (0: all; needed for an endless evaluation stream)."""
     num_workers: int = 0
     """DataLoader workers for datasets that are not in-memory tensors (in-memory data is sliced on the device)."""
     pin_memory: Literal["auto", "true", "false"] = "auto"
@@ -88,8 +98,13 @@ class TrainConfig:
     """Number of passes over the training data."""
     seed: int = 0
     """Seed for model initialisation and the per-epoch shuffle (the permutation is a pure function of seed and epoch)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: train.epochs decide). Required for a stream (an IterableDataset without a length)."""
     loss: str = "cross_entropy"
     """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead."""
+
+    ignore_index: int = -100
+    """Targets with this value are not counted by cross_entropy and model losses (-100 for PyTorch and Hugging Face; nanoGPT uses -1)."""
 
     # The optimizer step
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -148,6 +163,8 @@ class DistConfig:
     """DDP static_graph optimisation."""
     find_unused_parameters: bool = False
     """DDP: search for parameters without gradients each step (slow; only for models that need it)."""
+    sync_batchnorm: Literal["auto", "true", "false"] = "auto"
+    """BatchNorm statistics over the global micro-batch, so DDP equals one process for BatchNorm models: 'auto'/'true' (on when there is more than one process and the model has BatchNorm layers) or 'false' (each rank its own statistics; the run says so)."""
 
 
 @dataclass

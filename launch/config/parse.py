@@ -197,7 +197,7 @@ def save(cfg: Config, path: Path) -> None:
 
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = (
-    "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.device", "train.check_every_steps", "train.cuda_graphs",
+    "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.max_steps", "train.device", "train.check_every_steps", "train.cuda_graphs",
     "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.path",
 )
 

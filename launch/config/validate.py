@@ -41,6 +41,9 @@ def _data(d) -> None:
     if d.classes < 2:
         raise UserError(f"data.classes: must be >= 2, got {d.classes}")
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.eval_max_samples", d.eval_max_samples, allow_zero=True)
+    if d.collate and ":" not in d.collate:
+        raise UserError(f"data.collate: must be an import path 'pkg.module:fn', got '{d.collate}'")
     if d.name in ("csv", "npz", "mnist") and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
     if not 0.0 <= d.val_fraction < 1.0:
@@ -54,6 +57,7 @@ def _data(d) -> None:
 
 def _train(t) -> None:
     _positive("train.epochs", t.epochs)
+    _positive("train.max_steps", t.max_steps, allow_zero=True)
     _positive("train.lr", t.lr)
     _positive("train.momentum", t.momentum, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)

@@ -1,4 +1,4 @@
-"""A user's own map-style Dataset, by import path: data.name='pkg.module:Class'.
+"""A user's own Dataset (map-style) or IterableDataset (a stream), by import path: data.name='pkg.module:Class'.
 
 The class is built twice, `Class(split="train", **data.kwargs)` and `Class(split="eval", ...)`.
 Its items follow the batch contract of `launch.data.types`. Optional attributes: `num_classes`
@@ -8,21 +8,30 @@ Its items follow the batch contract of `launch.data.types`. Optional attributes:
 from __future__ import annotations
 
 import torch
+from torch.utils.data import IterableDataset
 
 from launch.data.types import DataBundle, Split, check_tensors, split_item
 from launch.errors import UserError
-from launch.user_code import call, import_object
+from launch.randomness import preserved
+from launch.user_code import build_kwargs, call, import_object
 
 
 def from_import_path(cfg) -> DataBundle:
     name, debug = cfg.data.name, cfg.log.debug
-    cls = import_object(name, "data.name", debug)
-    train = call(f"data.name '{name}'", cls, split="train", debug=debug, **cfg.data.kwargs)
-    ev = call(f"data.name '{name}'", cls, split="eval", debug=debug, **cfg.data.kwargs)
-    if len(train) == 0:
-        raise UserError(f"data.name '{name}': the training split is empty")
     where = f"data.name '{name}'"
-    item = call(f"{where} (item 0)", train.__getitem__, 0, debug=debug)
+    cls = import_object(name, "data.name", debug)
+    train = call(where, cls, split="train", debug=debug, **build_kwargs(cfg.data.kwargs, "data.kwargs", debug))
+    ev = call(where, cls, split="eval", debug=debug, **build_kwargs(cfg.data.kwargs, "data.kwargs", debug))
+    if isinstance(train, IterableDataset):  # a stream: its first item, from a pass of its own
+        with preserved():
+            item = call(f"{where} (first item)", next, iter(train), None, debug=debug)
+        if item is None:
+            raise UserError(f"{where}: the training stream yields nothing")
+    else:
+        if len(train) == 0:
+            raise UserError(f"{where}: the training split is empty")
+        with preserved():
+            item = call(f"{where} (item 0)", train.__getitem__, 0, debug=debug)
     inputs, target = split_item(item, f"{where} item 0")
     check_tensors((inputs, target), f"{where} item 0")
     in_features = getattr(train, "in_features", None)

@@ -1,34 +1,51 @@
 """Feeds this rank's batches to the training device, in the order `launch.data.order` defines.
 
 In-memory splits (tensors) are moved to the device once and each batch is one index-select
-there; other datasets go through a DataLoader fed with the same index lists (workers seeded
-per rank, persistent across epochs). Training batches come as (inputs, target, n): n is the
-number of real samples, 0 for the zero-weight stand-in a rank runs when the epoch's last
-micro-step has no sample left for it.
+there; map-style datasets go through a DataLoader fed with the same index lists (persistent
+workers, every sample seeded by (seed, epoch, index): launch.data.seeding). Streams
+(IterableDatasets) have their own feeder, launch.data.stream; `make_feeder` picks one.
+
+Training comes as `Step`s (launch.data.types): each optimizer step's micro-batches, its global
+sample count and the epoch position after it. A micro-batch is (inputs, target, n): n is the number
+of real samples, 0 for the zero-weight stand-in a rank runs when the epoch's last micro-step has no
+sample left for it. The epoch order costs 4 bytes per sample (an int32 permutation); the
+DataLoader's index lists are made batch by batch, not for the whole epoch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
-from launch.data.order import epoch_permutation, micro_steps, rank_eval_indices
-from launch.data.types import Split, split_item, tree_map
+from launch.data.order import epoch_permutation, global_samples, micro_steps, rank_eval_indices, rank_share, steps_per_epoch
+from launch.data.seeding import EVAL_EPOCH, SeededDataset, keys
+from launch.data.types import Split, Step, split_item, tree_map
+from launch.data.loader import data_loader
 
 
-class _ListBatchSampler:
-    """A batch sampler whose batches are set per epoch, so persistent workers survive epochs."""
+class _BatchSampler:
+    """A batch sampler whose batches are set per epoch (lazily), so persistent workers survive epochs."""
 
     def __init__(self):
-        self.batches: list[list[int]] = []
+        self.batches: Iterator[list] = iter(())
+        self.count = 0
 
     def __iter__(self):
         return iter(self.batches)
 
     def __len__(self):
-        return len(self.batches)
+        return self.count
+
+
+def make_feeder(split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int):
+    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream."""
+    if split.stream:
+        from launch.data.stream import StreamFeeder
+
+        return StreamFeeder(split, cfg, device, rank, world_size, batch_size)
+    return Feeder(split, cfg, device, rank, world_size, batch_size)
 
 
 class Feeder:
@@ -44,18 +61,9 @@ class Feeder:
             self.x = tree_map(lambda t: t.to(device, non_blocking=True), split.x)
             self.y = split.y.to(device, non_blocking=True)
         else:
-            pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and device.type == "cuda")
-            self.sampler = _ListBatchSampler()
-            workers = cfg.data.num_workers
-            self.loader = DataLoader(
-                split.dataset,
-                batch_sampler=self.sampler,
-                num_workers=workers,
-                pin_memory=pin,
-                persistent_workers=workers > 0,
-                prefetch_factor=2 if workers > 0 else None,
-                generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),  # distinct worker seeds per rank
-            )
+            self.sampler = _BatchSampler()
+            dataset = SeededDataset(split.dataset, cfg.train.seed) if cfg.data.seed_samples else _Plain(split.dataset)
+            self.loader = data_loader(dataset, cfg, rank, device, self.sampler)
 
     @property
     def in_memory(self) -> bool:
@@ -70,15 +78,28 @@ class Feeder:
         """(inputs, target) of in-memory samples `idx` (a device tensor): one index-select per tensor."""
         return tree_map(lambda t: t.index_select(0, idx), self.x), self.y.index_select(0, idx)
 
-    def _batches(self, indices: torch.Tensor, sizes: list[int], as_indices: bool = False) -> Iterator[tuple]:
-        """Batches of `indices` split into `sizes` (one copy of the indices to the device)."""
+    def _batches(self, parts: list[torch.Tensor], sizes: list[int], epoch: int, as_indices: bool = False) -> Iterator[tuple]:
+        """Batches of the concatenated index `parts`, split into `sizes`."""
         if self.loader is None:
-            for chunk in indices.to(self.device, non_blocking=True).split(sizes):
+            indices = torch.cat(parts).to(self.device, dtype=torch.long, non_blocking=True)
+            for chunk in indices.split(sizes):
                 yield (chunk,) if as_indices else self.select(chunk)
         else:
-            self.sampler.batches = [c.tolist() for c in indices.split(sizes)]
+            self.sampler.batches = self._index_lists(parts, sizes, epoch)
+            self.sampler.count = len(sizes)
             for batch in self.loader:
                 yield self._to_device(batch)
+
+    @staticmethod
+    def _index_lists(parts: list[torch.Tensor], sizes: list[int], epoch: int) -> Iterator[list]:
+        """The DataLoader's keys, one batch at a time (whole-epoch lists cost ~76 bytes per sample)."""
+        sizes = iter(sizes)
+        for part in parts:
+            at = 0
+            while at < len(part):
+                size = next(sizes)
+                yield keys(epoch, part[at : at + size].tolist())
+                at += size
 
     def train_epoch(self, seed: int, epoch: int, start: int = 0, as_indices: bool = False) -> Iterator[tuple]:
         """(inputs, target, n) for each of this rank's micro-steps from global position `start`
@@ -95,14 +116,49 @@ class Feeder:
             # sample; the loop gives it weight 0, so it adds exactly nothing to the gradient.
             parts.append(mine if len(mine) else tail[:1])
         sizes = [max(n, 1) for n in real]
-        for batch, n in zip(self._batches(torch.cat(parts), sizes, as_indices), real):
+        for batch, n in zip(self._batches(parts, sizes, epoch, as_indices), real):
             yield (*batch, n)
+
+    def steps_per_epoch(self, accum: int):
+        return steps_per_epoch(self.n, self.batch_size, self.world_size, accum)
+
+    def steps_left(self, start: int, accum: int) -> int:
+        return steps_per_epoch(self.n - min(start, self.n), self.batch_size, self.world_size, accum)
+
+    def epoch_steps(self, seed: int, epoch: int, start: int, accum: int, as_indices: bool = False) -> Iterator[Step]:
+        """The epoch's optimizer steps from global position `start`."""
+        start = min(start, self.n)
+        remaining, k, b = self.n - start, self.world_size, self.batch_size
+        n_micro = micro_steps(remaining, b, k)
+        batches = iter(self.train_epoch(seed, epoch, start, as_indices))
+        n_steps = math.ceil(n_micro / accum)
+        for i in range(n_steps):
+            first, last = i * accum, min((i + 1) * accum, n_micro)
+            begin, end = first * k * b, min(remaining, last * k * b)
+            mine = rank_share(end, self.rank, k) - rank_share(begin, self.rank, k)
+            yield Step(batches, last - first, global_samples(remaining, first, last, b, k), start + end, mine, i == n_steps - 1)
+        for _ in batches:  # a DataLoader iterator must run to its end, or its workers keep the epoch open
+            pass
 
     def eval_batches(self) -> Iterator[tuple]:
         """(inputs, target) of this rank's share of the split, each sample on exactly one rank."""
         idx = rank_eval_indices(self.n, self.rank, self.world_size)
-        return self._batches(idx, [len(c) for c in idx.split(self.batch_size)])
+        return self._batches([idx], [len(c) for c in idx.split(self.batch_size)], EVAL_EPOCH)
 
-    def sample_batch(self, size: int = 2):
+    def sample_batch(self, size: int = 4):
         """The first `size` samples (for checking the model and loss against the data before training)."""
-        return next(iter(self._batches(torch.arange(min(size, self.n)), [min(size, self.n)])))
+        m = min(size, self.n)
+        return next(iter(self._batches([torch.arange(m)], [m], EVAL_EPOCH)))
+
+
+class _Plain:
+    """data.seed_samples=false: the dataset as it is, addressed by the same (epoch, index) keys."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset[key[1]]

@@ -21,10 +21,11 @@ import torch
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """DistributedSampler's permutation: a pure function of (seed, epoch)."""
+    """DistributedSampler's permutation: a pure function of (seed, epoch). As int32 below 2**31
+    samples: the same permutation as torch's int64 one (same algorithm), at half the memory."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g, dtype=torch.int32 if n < 2**31 else torch.int64)
 
 
 def rank_train_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0) -> torch.Tensor:

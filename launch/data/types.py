@@ -10,11 +10,13 @@ map-style Dataset. A dataset item, and so a batch, is `(inputs, target)` or a di
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from launch.errors import UserError
 
@@ -23,14 +25,33 @@ TARGET_KEY = "target"
 
 @dataclass
 class Split:
-    """One split: either in-memory tensors (x, y) or a map-style Dataset."""
+    """One split: in-memory tensors (x, y), a map-style Dataset, or a stream (an IterableDataset)."""
 
     x: Any = None  # a tensor, or a tuple/dict of tensors with the samples on the first axis
     y: Optional[torch.Tensor] = None
     dataset: Optional[Dataset] = None
 
+    @property
+    def stream(self) -> bool:
+        """An IterableDataset: samples come in the order it yields them, and it may have no length."""
+        return isinstance(self.dataset, IterableDataset)
+
     def __len__(self) -> int:
+        if self.stream:
+            raise TypeError("a stream has no length")
         return len(self.y) if self.dataset is None else len(self.dataset)
+
+
+@dataclass
+class Step:
+    """One optimizer step as the data order defines it (launch.data.feeder, launch.data.stream)."""
+
+    batches: Iterator  # yields (inputs, target, n) for each of the step's micro-batches; n = real samples
+    n_micro: int  # micro-batches in this step (the same on every rank)
+    global_samples: int  # samples all ranks together see in this step
+    position: int  # global samples of the epoch consumed after this step (the resume point)
+    mine: int  # this rank's real samples in this step
+    last: bool  # the epoch's last step
 
 
 @dataclass
@@ -76,8 +97,8 @@ def check_tensors(tree, where: str) -> None:
     elif isinstance(tree, dict):
         for t in tree.values():
             check_tensors(t, where)
-    elif not isinstance(tree, (torch.Tensor, int, float)):
-        raise UserError(f"{where}: items must hold tensors, got a {type(tree).__name__}")
+    elif not isinstance(tree, (torch.Tensor, int, float, np.ndarray, np.number, np.bool_)):  # what default_collate takes
+        raise UserError(f"{where}: items must hold tensors (or numpy arrays and numbers), got a {type(tree).__name__}")
 
 
 def call_model(model, inputs):
@@ -87,3 +108,24 @@ def call_model(model, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def model_output(out) -> tuple:
+    """(the output tensor, how it was found): a tensor as it is, the `logits` of a mapping (a Hugging
+    Face ModelOutput), or the first element of a tuple (nanoGPT's (logits, loss))."""
+    if isinstance(out, torch.Tensor):
+        return out, ""
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits, f"the 'logits' of its {type(out).__name__}"
+        raise UserError(
+            f"the model returned a {type(out).__name__} with keys {', '.join(map(str, out))} and no 'logits' tensor: return the output "
+            "tensor, or a mapping with 'logits'; a model that computes its own loss needs model.loss_arg (labels for Hugging Face)"
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0], f"the first element of its {type(out).__name__} of {len(out)}"
+    raise UserError(
+        f"the model returned a {type(out).__name__}: expected a tensor, a mapping with 'logits' (.logits of a Hugging Face "
+        "output) or a tuple whose first element is the output tensor; a model that computes its own loss needs model.loss_arg"
+    )

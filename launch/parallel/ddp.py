@@ -1,0 +1,94 @@
+"""dist.strategy=ddp: every rank holds the whole model; DistributedDataParallel averages gradients.
+
+With one process there is no DDP wrapper at all (a one-rank all-reduce does nothing useful), so a
+one-process torchrun job costs what a plain process costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.errors import UserError
+from launch.parallel import sync_bn
+
+
+class Replicated:
+    def __init__(self, cfg, rt, say):
+        self.cfg, self.rt, self.say = cfg, rt, say
+        self.k = rt.env.world_size
+        self.global_bn = False
+
+    def prepare(self, bare: nn.Module, task, sample) -> None:
+        """Before the optimizer exists: BatchNorm statistics over the global micro-batch (dist.sync_batchnorm),
+        and unused parameters found now, named, instead of DDP's error at the second step."""
+        if self.k == 1:
+            return
+        layers = len(sync_bn.batchnorm_layers(bare))
+        if layers and self.cfg.dist.sync_batchnorm == "false":
+            self.say(sync_bn.note_without_sync(layers))
+        elif layers:
+            sync_bn.convert(bare)
+            self.global_bn = True
+        if not self.cfg.dist.find_unused_parameters:
+            unused = unused_parameters(bare, task, *sample)
+            if unused:
+                shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+                raise UserError(
+                    f"{len(unused)} parameter(s) get no gradient from the loss ({shown}), which DDP cannot reduce: "
+                    "set dist.find_unused_parameters=true (slower), or freeze them (requires_grad=False)"
+                )
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.k == 1:
+            return module
+        d = self.cfg.dist
+        return nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None,
+            bucket_cap_mb=d.bucket_cap_mb,
+            gradient_as_bucket_view=d.gradient_as_bucket_view,
+            static_graph=d.static_graph,
+            find_unused_parameters=d.find_unused_parameters,
+            broadcast_buffers=not self.global_bn,  # global statistics keep the buffers equal already
+        )
+
+    def micro_step(self, module: nn.Module, sync: bool, real: bool):
+        """The context of one micro-batch's forward and backward: DDP syncs gradients only when `sync`
+        (the optimizer step's last micro-batch); a stand-in batch (`real` False) adds no statistics."""
+        stack = contextlib.ExitStack()
+        if not sync and self.k > 1:
+            stack.enter_context(module.no_sync())
+        if not real and self.global_bn:
+            stack.enter_context(sync_bn.stand_in(True))
+        return stack
+
+    def clip(self, params: list, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+    @torch.no_grad()
+    def before_eval(self, bare: nn.Module) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm running statistics), the ones a checkpoint saves,
+        so the logged evaluation is the evaluation of the saved model."""
+        if self.k == 1:
+            return
+        for buf in bare.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def unused_parameters(bare: nn.Module, task, inputs, target) -> list[str]:
+    """Parameters that get no gradient on a sample batch (eval mode: no dropout draw, no statistics update)."""
+    was = bare.training
+    bare.eval()
+    try:
+        with torch.enable_grad():
+            loss, _ = task.train_loss(bare, inputs, target)
+            loss.float().sum().backward()
+        return [n for n, p in bare.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        for p in bare.parameters():
+            p.grad = None
+        bare.train(was)
