@@ -18,42 +18,8 @@ import yaml
 
 from launch.config.fields import Config
 from launch.config.validate import validate
+from launch.config.yaml_loader import MAX_CONFIG_BYTES, yaml_text as _yaml
 from launch.errors import UserError
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise UserError(f"{self.name}: key '{key}' is given twice in one mapping (lines {seen[key]} and {line})")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-    def construct_yaml_int(self, node):
-        # YAML 1.1 reads 3:5 as the base-60 number 185; here it stays the text (log.profile_steps=3:5).
-        return node.value if ":" in node.value else super().construct_yaml_int(node)
-
-    def construct_yaml_float(self, node):
-        return node.value if ":" in node.value else super().construct_yaml_float(node)
-
-
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
-_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
-
-
-def _yaml(text: str, name: str):
-    loader = _StrictLoader(text)
-    loader.name = name
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def _type_name(tp) -> str:
@@ -142,7 +108,11 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # not stat(): a pipe or /proc file reports size 0
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few kilobytes (is it the data file?)")
+        text = raw.decode("utf-8-sig")  # UTF-8 whatever the locale; a byte-order mark (Notepad, Excel) is dropped
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:

@@ -1,0 +1,76 @@
+"""Issue 16 (first-hour frictions) and issue 17 point 8 (bad input): nested and merged overrides,
+overrides on both sides of --config, where a missing module was looked for, bounded YAML, byte-order
+marks, and a measurement read as class labels. In-process where the behaviour is the loader's; real
+processes where the entry point's one line, exit code and time are the point."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from launch import config as config_mod
+from launch.data.tabular import build_csv, build_npz
+from launch.entry import parse
+from launch.errors import UserError
+from launch.user_code import import_object
+from tests.helpers import PY, ROOT, output, run
+
+
+def one_line_exit_2(p, *needles: str) -> str:
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(n in lines[0] for n in needles), output(p)
+    assert p.wall < 15, f"took {p.wall:.1f}s"
+    return lines[0]
+
+
+def write(path, text: str, encoding: str = "utf-8") -> str:
+    path.write_text(text, encoding=encoding)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- 4. bounded YAML
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """The billion-laughs shape: 9 aliases of 9 aliases ... = 9**9 (387 million) strings when expanded."""
+    lines = ["model:", "  name: mlp", "  kwargs:", f"    l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def flow_bomb(levels: int = 7, width: int = 10) -> str:
+    """The same on one command-line value: {l0: &l0 [lol, ...], l1: &l1 [*l0, ...], ...}."""
+    items = [f"l0: &l0 [{', '.join(['lol'] * width)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "{" + ", ".join(items) + "}"
+
+
+def test_alias_bomb_recursion_depth_and_size_are_refused_in_process(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="more than 100,000 values once aliases are expanded"):
+        config_mod.load(write(tmp_path / "bomb.yaml", alias_bomb()))
+    with pytest.raises(UserError, match="the command line: more than 100,000 values"):
+        config_mod.load(None, ["model.kwargs=" + flow_bomb()])
+    with pytest.raises(UserError, match=r"alias \*a at line 2 refers to a value that contains it"):
+        config_mod.load(write(tmp_path / "loop.yaml", "model:\n  kwargs: &a {self: [*a]}\n"))
+    with pytest.raises(UserError, match="values nested more than 100 deep"):
+        config_mod.load(write(tmp_path / "deep.yaml", "model:\n  kwargs: {a: " + "[" * 5000 + "]" * 5000 + "}\n"))
+    assert time.monotonic() - t0 < 10
+    big = write(tmp_path / "big.yaml", "# padding\n" * 120_000)  # 1.2 MB of comments
+    with pytest.raises(UserError, match="larger than 1 MiB"):
+        config_mod.load(big)
+    # what real configs use still works: shared anchors and merge keys, overridden after the merge
+    ok = "train: &t {lr: 0.5, epochs: 2}\nmodel:\n  kwargs: {a: *t, b: {<<: *t, lr: 0.1}}\n"
+    assert config_mod.load(write(tmp_path / "ok.yaml", ok)).model.kwargs == {"a": {"lr": 0.5, "epochs": 2}, "b": {"lr": 0.1, "epochs": 2}}
+
+
+def test_alias_bomb_config_is_one_line_exit_2_within_seconds(tmp_path):
+    bomb = write(tmp_path / "bomb.yaml", alias_bomb())
+    p = run([PY, "train_single.py", "--config", bomb, f"run.dir={tmp_path / 'run'}", "train.device=cpu"], timeout=60)
+    one_line_exit_2(p, str(bomb), "more than 100,000 values once aliases are expanded")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bomb.yaml"], "nothing may be written"
