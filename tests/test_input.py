@@ -34,6 +34,52 @@ def write(path, text: str, encoding: str = "utf-8") -> str:
     return str(path)
 
 
+# --------------------------------------------------------------------------- 1. nested, merged overrides
+
+KWARGS_YAML = """\
+model:
+  kwargs:
+    width: 16
+    block: {depth: 2, act: relu}
+    keep: [1, 2]
+data:
+  kwargs: {n: 100, digits: 2}
+"""
+
+
+def test_nested_kwargs_overrides_merge_into_the_files_mapping(tmp_path):
+    f = write(tmp_path / "k.yaml", KWARGS_YAML)
+    cfg = config_mod.load(f, ["model.kwargs.block.depth=5", "model.kwargs={dropout: 0.1}", "data.kwargs.n=7", "model.kwargs.keep=[3]"])
+    assert cfg.model.kwargs == {"width": 16, "block": {"depth": 5, "act": "relu"}, "keep": [3], "dropout": 0.1}
+    assert cfg.data.kwargs == {"n": 7, "digits": 2}
+    # a new nested key builds its mappings; the file's value is not touched by a later load
+    cfg = config_mod.load(f, ["model.kwargs.extra.a.b=1"])
+    assert cfg.model.kwargs["extra"] == {"a": {"b": 1}} and cfg.model.kwargs["width"] == 16
+    assert config_mod.load(f).model.kwargs["block"] == {"depth": 2, "act": "relu"}
+
+
+def test_null_removes_a_key_and_empties_the_whole_setting(tmp_path):
+    f = write(tmp_path / "k.yaml", KWARGS_YAML)
+    cfg = config_mod.load(f, ["model.kwargs.block.act=null", "model.kwargs={keep: null}"])
+    assert cfg.model.kwargs == {"width": 16, "block": {"depth": 2}}
+    assert config_mod.load(f, ["model.kwargs=null", "model.kwargs.width=8"]).model.kwargs == {"width": 8}  # in order
+    assert config_mod.load(f, ["model.kwargs.width=8", "model.kwargs=null"]).model.kwargs == {}
+    # inside the file null is a value, passed on as None
+    g = write(tmp_path / "n.yaml", "model:\n  kwargs: {dropout: null}\n")
+    assert config_mod.load(g).model.kwargs == {"dropout": None}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr.x=1", "train.lr takes no dotted sub-keys here (only model.kwargs and data.kwargs do)"),
+    ("model.kwarg.x=1", "did you mean 'model.kwargs'?"),
+    ("model.kwargs..x=1", "model.kwargs..x: empty key between dots"),
+    ("model.kwargs=3", "model.kwargs: expected a mapping, got 3"),
+])
+def test_bad_dotted_keys_are_one_line(override, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        config_mod.load(None, [override])
+
+
 # --------------------------------------------------------------------------- 4. bounded YAML
 
 

@@ -32,7 +32,7 @@ class ModelConfig:
     out_features: Optional[int] = None
     """Number of logits. Empty: the dataset's number of classes; if set it must match it."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path model class."""
+    """Keyword arguments for an import-path model class. On the command line model.kwargs.KEY=VALUE (nested: model.kwargs.a.b=1) and model.kwargs={...} merge into the file's mapping; KEY=null removes a key, model.kwargs=null empties it."""
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DataConfig:
     path: str = ""
     """File or directory for file-based datasets (csv, npz, mnist)."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval')."""
+    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'). Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     num_workers: int = 0
     """DataLoader workers for datasets that are not in-memory tensors (in-memory data is sliced on the device)."""
     pin_memory: Literal["auto", "true", "false"] = "auto"
