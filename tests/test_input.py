@@ -80,6 +80,27 @@ def test_bad_dotted_keys_are_one_line(override, needle):
         config_mod.load(None, [override])
 
 
+# --------------------------------------------------------------------------- 2. overrides on both sides of --config
+
+
+def test_overrides_before_and_after_config_win_over_the_file(tmp_path):
+    f = write(tmp_path / "c.yaml", "train:\n  lr: 0.2\n  epochs: 3\ndata:\n  batch_size: 4\n")
+    cfg, _ = parse(["train.lr=0.05", "--config", f, "data.batch_size=8"], "train_single.py", ddp=False)
+    assert (cfg.train.lr, cfg.data.batch_size, cfg.train.epochs) == (0.05, 8, 3)
+    cfg, nproc = parse(["data.batch_size=2", "--nproc", "2", "-c", f, "train.lr=0.01", "data.batch_size=6"], "train_ddp.py", ddp=True)
+    assert (cfg.train.lr, cfg.data.batch_size, nproc) == (0.01, 6, 2)  # the later of two wins, as in a shell script
+
+
+def test_train_single_takes_overrides_on_both_sides_of_config(tmp_path):
+    f = write(tmp_path / "c.yaml", "train:\n  lr: 0.2\n  epochs: 1\ndata:\n  batch_size: 4\n  n_train: 64\n  n_eval: 32\n  features: 4\n")
+    run_dir = tmp_path / "r"
+    p = run([PY, "train_single.py", "train.lr=0.05", "--config", f, "data.batch_size=8", "model.hidden=[8]",
+             "log.progress=false", "train.device=cpu", f"run.dir={run_dir}"], timeout=120)
+    assert p.returncode == 0, output(p)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["lr"], saved["data"]["batch_size"], saved["data"]["n_train"]) == (0.05, 8, 64)
+
+
 # --------------------------------------------------------------------------- 4. bounded YAML
 
 
