@@ -101,6 +101,36 @@ def test_train_single_takes_overrides_on_both_sides_of_config(tmp_path):
     assert (saved["train"]["lr"], saved["data"]["batch_size"], saved["data"]["n_train"]) == (0.05, 8, 64)
 
 
+# --------------------------------------------------------------------------- 3. where a missing module was looked for
+
+
+def test_missing_module_names_the_working_directory_and_pythonpath(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path[1:]])  # as `python -m` or a script in the working directory
+    monkeypatch.setenv("PYTHONPATH", "/opt/a:/opt/b")
+    with pytest.raises(UserError) as e:
+        import_object("nosuch_input_mod.sub:Net", "model.name")
+    msg = str(e.value)
+    assert "cannot import module 'nosuch_input_mod.sub'" in msg and "\n" not in msg
+    assert f"looked in the working directory {tmp_path}, PYTHONPATH /opt/a:/opt/b and the installed packages" in msg
+    assert msg.endswith("add the directory that holds nosuch_input_mod/ or nosuch_input_mod.py to PYTHONPATH")
+
+
+def test_missing_module_says_the_scripts_directory_is_not_the_working_directory(tmp_path, monkeypatch):
+    # `cd project && python /elsewhere/train_single.py model.name=mynet:Net`: Python searches the
+    # script's directory, not the working directory that holds mynet.py
+    (tmp_path / "mynet_input.py").write_text("raise SystemExit('must not be imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path[1:]])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train_single.py")])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    with pytest.raises(UserError, match="mynet_input") as e:
+        import_object("mynet_input:Net", "model.name")
+    assert f"looked in {ROOT} (the script's directory, not the working directory {tmp_path}), PYTHONPATH (empty)" in str(e.value)
+    with pytest.raises(UserError, match=r"package 'tests' \(.*tests\) has no module 'nosuch_input'"):
+        import_object("tests.nosuch_input:Net", "model.name")
+
+
 # --------------------------------------------------------------------------- 4. bounded YAML
 
 
