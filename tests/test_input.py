@@ -171,3 +171,52 @@ def test_alias_bomb_config_is_one_line_exit_2_within_seconds(tmp_path):
     p = run([PY, "train_single.py", "--config", bomb, f"run.dir={tmp_path / 'run'}", "train.device=cpu"], timeout=60)
     one_line_exit_2(p, str(bomb), "more than 100,000 values once aliases are expanded")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bomb.yaml"], "nothing may be written"
+
+
+# --------------------------------------------------------------------------- 5. byte-order marks
+
+
+def test_csv_with_a_byte_order_mark_reads_its_first_column_name(tmp_path):
+    rows = "".join(f"{'ab'[i % 2]},{i % 5},{(i * 7) % 3},id{i}\n" for i in range(40))
+    f = write(tmp_path / "excel.csv", "label,f1,f2,id\n" + rows, encoding="utf-8-sig")
+    assert (tmp_path / "excel.csv").read_bytes().startswith(b"\xef\xbb\xbflabel,")
+    b = build_csv(config_mod.load(None, ["data.name=csv", f"data.path={f}", "data.target=label", "data.ignore=[id]"]))
+    assert b.state["feature_columns"] == ["f1", "f2"] and b.state["target"] == "label" and b.state["class_names"] == ["a", "b"]
+
+
+def test_yaml_config_with_a_byte_order_mark_is_utf8_whatever_the_locale(tmp_path):
+    f = write(tmp_path / "bom.yaml", "# größe: Notepad's UTF-8\ntrain:\n  lr: 0.25\n", encoding="utf-8-sig")
+    assert config_mod.load(f).train.lr == 0.25
+    # under a bare C locale (a minimal container) Python's default text encoding is ASCII
+    code = f"from launch import config; print(config.load({f!r}).train.lr)"
+    p = run([PY, "-c", code], timeout=60, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    assert p.returncode == 0 and p.stdout.strip() == "0.25", output(p)
+
+
+# --------------------------------------------------------------------------- 6. a measurement read as class labels
+
+
+def test_diabetes_with_a_classification_loss_is_one_line_naming_train_loss_mse(tmp_path):
+    p = run([PY, "train_single.py", "--config", "configs/diabetes.yaml", "train.loss=cross_entropy",
+             f"run.dir={tmp_path / 'run'}", "train.device=cpu"], timeout=60)
+    one_line_exit_2(p, "data/diabetes.csv", "214 distinct numbers in 442 rows", "train.loss=mse", "data.many_classes=true")
+    assert not (tmp_path / "run").exists()
+
+
+def test_many_classes_confirms_and_the_rule_spares_real_classifications(tmp_path):
+    b = build_csv(config_mod.load("configs/diabetes.yaml", ["train.loss=cross_entropy", "data.many_classes=true"]))
+    assert b.num_classes == 214
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+
+    def npz(name, y, *extra):
+        np.savez(tmp_path / name, x=x[: len(y)], y=y)
+        return build_npz(config_mod.load(None, ["data.name=npz", f"data.path={tmp_path / name}", *extra]))
+
+    for y in (rng.integers(100, 400, 300), rng.integers(100, 400, 300).astype(np.float64)):  # integer measurements
+        with pytest.raises(UserError, match="distinct numbers in 300 rows .*train.loss=mse .*data.many_classes=true"):
+            npz("m.npz", y)
+    assert npz("m.npz", rng.integers(100, 400, 300), "data.many_classes=true").num_classes > 20
+    assert npz("c.npz", np.arange(300) % 60).num_classes == 60  # 60 classes, 5 rows each: a classification
+    assert npz("s.npz", np.array([f"p{i}" for i in range(300)])).num_classes == 300  # names are never measurements
+    assert npz("r.npz", rng.integers(100, 400, 300), "train.loss=mse").num_classes == 1  # regression as asked

@@ -79,6 +79,8 @@ class DataConfig:
     """npz: name of the label array (integers or strings, one per sample)."""
     standardize: bool = True
     """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
+    many_classes: bool = False
+    """csv, npz: confirm that a numeric target with many distinct values (over 20, under 5 rows per value on average) is class labels; without it a classification loss on such a target stops with a hint to train.loss=mse."""
 
 
 @dataclass
