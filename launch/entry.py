@@ -29,15 +29,16 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv, prog: str, ddp: bool):
     p = _Parser(
         prog=prog,
-        description="Train the configured model. Settings: --config FILE, then key=value overrides (CLI > file > defaults).",
+        description="Train the configured model. Settings: --config FILE and key=value overrides, before or after it (CLI > file > defaults).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (section.key = default  # meaning):\n" + config_mod.reference(),
     )
     p.add_argument("--config", "-c", help="YAML file with sections run, model, data, train, dist, ckpt, log")
     if ddp:
         p.add_argument("--nproc", type=int, help="start this many local processes with torch.multiprocessing.spawn (no torchrun needed)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=0.05 data.batch_size=64")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="e.g. train.lr=0.05 data.batch_size=64 model.kwargs.dropout=0.1 (merged into the file's model.kwargs; null removes a key)")
+    args = p.parse_intermixed_args(argv)  # overrides may stand on both sides of --config
     try:
         cfg = config_mod.load(args.config, args.overrides)
     except UserError as e:

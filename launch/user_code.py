@@ -73,6 +73,29 @@ def _missing_itself(e: ModuleNotFoundError, module_name: str) -> bool:
     return e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
 
 
+def _looked_in() -> str:
+    """Where Python looked for a top-level module besides the installed packages: sys.path[0] (the
+    script's directory under `python train_single.py`, which is not always the working directory) and PYTHONPATH."""
+    cwd = os.getcwd()
+    first = os.path.abspath(sys.path[0]) if sys.path and sys.path[0] else cwd
+    if first == cwd:
+        first = f"the working directory {cwd}"
+    else:
+        script = bool(sys.argv) and os.path.dirname(os.path.abspath(sys.argv[0])) == first
+        label = "the script's directory, " if script else ""
+        first = f"{first} ({label}not the working directory {cwd})"
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    return f"looked in {first}, PYTHONPATH {pythonpath if pythonpath else '(empty)'} and the installed packages"
+
+
+def _not_found(e: ModuleNotFoundError, module_name: str) -> str:
+    parent, _, leaf = e.name.rpartition(".")
+    if parent:  # the package exists, its submodule does not
+        places = list(getattr(sys.modules.get(parent), "__path__", []))
+        return f"cannot import module '{module_name}': package '{parent}'{f' ({places[0]})' if places else ''} has no module '{leaf}'"
+    return f"cannot import module '{module_name}' ({e}); {_looked_in()}: add the directory that holds {leaf}/ or {leaf}.py to PYTHONPATH"
+
+
 def import_object(path: str, what: str, debug: bool = False):
     """Resolve 'pkg.module:Name'."""
     module_name, _, attr = path.partition(":")
@@ -80,7 +103,7 @@ def import_object(path: str, what: str, debug: bool = False):
         module = importlib.import_module(module_name)
     except Exception as e:  # SyntaxError, NameError, a missing dependency: anything the module body raises
         if isinstance(e, ModuleNotFoundError) and _missing_itself(e, module_name):
-            raise UserError(f"{what} '{path}': cannot import module '{module_name}' ({e})") from None
+            raise UserError(f"{what} '{path}': {_not_found(e, module_name)}") from None
         if debug:
             _print_traceback(e)
         raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None

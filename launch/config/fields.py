@@ -32,7 +32,7 @@ class ModelConfig:
     out_features: Optional[int] = None
     """Number of logits. Empty: the dataset's number of classes; if set it must match it."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path model class. A nested mapping with `_target_: pkg.module:Name` is built first (Hydra's convention; `_args_` for positional arguments), e.g. `config: {_target_: transformers:GPT2Config, n_layer: 2}`."""
+    """Keyword arguments for an import-path model class. A nested mapping with `_target_: pkg.module:Name` is built first (Hydra's convention; `_args_` for positional arguments), e.g. `config: {_target_: transformers:GPT2Config, n_layer: 2}`. On the command line model.kwargs.KEY=VALUE (nested: model.kwargs.a.b=1) and model.kwargs={...} merge into the file's mapping; KEY=null removes a key, model.kwargs=null empties it."""
     loss_arg: str = ""
     """A model that computes its own loss in forward: the keyword it takes the target under ('labels' for Hugging Face, 'targets' for nanoGPT). The launcher passes the target there and uses the returned loss (.loss, ['loss'] or the scalar in a tuple) instead of train.loss. Empty: off."""
     loss_reduction: Literal["mean", "mean_shifted", "sum"] = "mean"
@@ -62,7 +62,7 @@ class DataConfig:
     path: str = ""
     """File or directory for file-based datasets (csv, npz, mnist)."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs."""
+    """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs. Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     collate: str = ""
     """Import path 'pkg.module:fn' of a collate function (a list of items -> a batch), e.g. padding variable-length sequences with -100 targets. Empty: torch's default_collate."""
     seed_samples: bool = True
@@ -89,6 +89,8 @@ class DataConfig:
     """npz: name of the label array (integers or strings, one per sample)."""
     standardize: bool = True
     """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
+    many_classes: bool = False
+    """csv, npz: confirm that a numeric target with many distinct values (over 20, under 5 rows per value on average) is class labels; without it a classification loss on such a target stops with a hint to train.loss=mse."""
 
 
 @dataclass

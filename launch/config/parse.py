@@ -18,42 +18,8 @@ import yaml
 
 from launch.config.fields import Config
 from launch.config.validate import validate
+from launch.config.yaml_loader import MAX_CONFIG_BYTES, yaml_text as _yaml
 from launch.errors import UserError
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise UserError(f"{self.name}: key '{key}' is given twice in one mapping (lines {seen[key]} and {line})")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-    def construct_yaml_int(self, node):
-        # YAML 1.1 reads 3:5 as the base-60 number 185; here it stays the text (log.profile_steps=3:5).
-        return node.value if ":" in node.value else super().construct_yaml_int(node)
-
-    def construct_yaml_float(self, node):
-        return node.value if ":" in node.value else super().construct_yaml_float(node)
-
-
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
-_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
-
-
-def _yaml(text: str, name: str):
-    loader = _StrictLoader(text)
-    loader.name = name
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def _type_name(tp) -> str:
@@ -112,17 +78,50 @@ def _unknown(key: str, valid: list[str]) -> UserError:
     return UserError(f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
-def _apply(cfg: Config, dotted: dict[str, Any]) -> None:
+def _apply(cfg: Config, items, patch: bool = False) -> None:
+    """Set (key, value) pairs in order (a key given again wins). patch=True (the command line): a mapping setting
+    (model.kwargs, data.kwargs) takes nested keys (model.kwargs.a.b=1) and merges as an RFC 7386 patch (null deletes)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    for key, value in dotted.items():
-        parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in sections:
+    for key, value in items:
+        section_name, _, name = key.partition(".")
+        name, dot, nested = name.partition(".")
+        if section_name not in sections or not name:
             raise _unknown(key, [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(sections[s].default_factory)])
-        section = getattr(cfg, parts[0])
+        section = getattr(cfg, section_name)
         hints = typing.get_type_hints(type(section))
-        if parts[1] not in hints:
-            raise _unknown(key, [f"{parts[0]}.{n}" for n in hints])
-        setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
+        if name not in hints:
+            raise _unknown(key, [f"{section_name}.{n}" for n in hints])
+        if dot and not (hints[name] is dict and patch):
+            where = "in a file, nest them as YAML" if hints[name] is dict else "only model.kwargs and data.kwargs do"
+            raise UserError(f"unknown config key '{key}': {section_name}.{name} takes no dotted sub-keys here ({where})")
+        if hints[name] is dict and patch:
+            setattr(section, name, _merge_patch(getattr(section, name), _nest(key, nested.split(".") if dot else [], value)) or {})
+        else:
+            setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _nest(key: str, parts: list[str], value: Any) -> Any:
+    """model.kwargs.a.b=1 -> {a: {b: 1}}; the whole setting (no parts) takes a mapping, or null to empty it."""
+    if not parts:
+        return None if value is None else _coerce(key, value, dict)
+    if not all(parts):
+        raise UserError(f"{key}: empty key between dots")
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: a mapping patch merges key by key (null deletes), anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            merged.pop(k, None)
+        else:
+            merged[k] = _merge_patch(merged.get(k), v)
+    return merged
 
 
 def _flatten(tree: Any, where: str) -> dict[str, Any]:
@@ -142,7 +141,11 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # not stat(): a pipe or /proc file reports size 0
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few kilobytes (is it the data file?)")
+        text = raw.decode("utf-8-sig")  # UTF-8 whatever the locale; a byte-order mark (Notepad, Excel) is dropped
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
@@ -170,8 +173,8 @@ def load(config_path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Build the config: defaults, then the YAML file, then `key=value` overrides; validate it."""
     cfg = Config()
     if config_path:
-        _apply(cfg, _flatten(read_yaml(config_path), config_path))
-    _apply(cfg, dict(parse_override(o) for o in overrides or []))  # a key given again later wins, as in a shell script
+        _apply(cfg, _flatten(read_yaml(config_path), config_path).items())
+    _apply(cfg, [parse_override(o) for o in overrides or []], patch=True)  # in order: a key given again later wins
     if not cfg.run.name:
         cfg.run.name = Path(config_path).stem if config_path else "default"
     if not cfg.run.dir:
@@ -183,7 +186,7 @@ def load(config_path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def from_dict(tree: dict) -> Config:
     """Rebuild a config saved in a run directory or checkpoint."""
     cfg = Config()
-    _apply(cfg, _flatten(tree, "saved config"))
+    _apply(cfg, _flatten(tree, "saved config").items())
     validate(cfg)
     return cfg
 

@@ -92,6 +92,21 @@ def _is_number(v: str) -> bool:
         return False
 
 
+# A numeric target with more distinct values than MANY_CLASSES and fewer than ROWS_PER_CLASS rows per
+# value on average is a measurement read as class labels (data/diabetes.csv without train.loss=mse:
+# 214 "classes" in 442 rows), not a classification: refused unless data.many_classes confirms it.
+MANY_CLASSES, ROWS_PER_CLASS = 20, 5
+
+
+def _check_many_classes(names: list[str], rows: int, confirmed: bool, where: str) -> None:
+    k = len(names)
+    if confirmed or k <= MANY_CLASSES or k * ROWS_PER_CLASS <= rows or not all(_is_number(v) for v in names):
+        return
+    raise UserError(
+        f"{where}: the target holds {k} distinct numbers in {rows} rows ({rows / k:.1f} rows per value), a measurement rather than class labels: "
+        f"set train.loss=mse (or l1) for regression, or data.many_classes=true if these really are {k} classes")
+
+
 def _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state: dict, where: str) -> DataBundle:
     """Shared tail of csv and npz: targets (class indices, or floats for regression), optional standardisation, the bundle."""
     d = cfg.data
@@ -104,6 +119,7 @@ def _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state: dict, where: str) -> DataBun
     names = class_names(lab_tr + lab_ev)
     if len(names) < 2:
         raise UserError(f"{where}: the labels hold a single class ({names[0]!r}); need at least two")
+    _check_many_classes(names, len(lab_tr) + len(lab_ev), d.many_classes, where)
     state["class_names"] = names
     if d.standardize:
         state.update(fit_standardizer(x_tr))
@@ -127,7 +143,7 @@ def read_csv(path: str, header: bool) -> tuple[list[str], list[tuple[int, list[s
     if not p.is_file():
         raise UserError(f"csv file not found: {path}")
     try:
-        with open(p, newline="") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # Excel starts a UTF-8 csv with a byte-order mark
             reader = csv.reader(f)
             rows = [(reader.line_num, [c.strip() for c in r]) for r in reader if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
