@@ -37,9 +37,9 @@ def expected_parent() -> int:
     return int(value) if value.isdigit() else _PARENT_AT_IMPORT
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies; leave at once if it already has.
-    Linux only; a no-op elsewhere."""
+def die_with_parent(parent: int = 0) -> None:
+    """Have the kernel SIGKILL this process when its parent (pid `parent`, default the launcher) dies;
+    leave at once if it already has. Linux only; a no-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -49,6 +49,13 @@ def die_with_parent() -> None:
         err = ctypes.get_errno()
         print(f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(err)}); this worker will not die with its launcher", file=sys.stderr, flush=True)
         return
-    if os.getppid() != expected_parent():  # the parent died before the prctl: nobody will signal us
-        print(f"error: the launcher (pid {expected_parent()}) is gone; this worker stops", file=sys.stderr, flush=True)
+    expected = parent or expected_parent()
+    if os.getppid() != expected:  # the parent died before the prctl: nobody will signal us
+        print(f"error: the launcher (pid {expected}) is gone; this worker stops", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGKILL)
+
+
+def loader_worker_dies_with(rank_pid: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: a forked worker holds copies of its rank's sockets, so a rank killed
+    with -9 would look alive to its peers until its workers noticed (up to 5 s). They die with it."""
+    die_with_parent(rank_pid)

@@ -10,8 +10,8 @@ Two contracts (launch.task):
 
 A mean where a sum is expected trains at the wrong scale and makes the logged loss depend on the
 evaluation batch size, silently. So before training, on the first batch: the sum over the batch
-must equal the sums over its two halves, and the count their counts. A mean fails that (unless the
-halves' losses happen to be equal), and the line says which declaration would fit.
+must equal the sums over its samples one by one, and the count their counts. A mean fails that (unless the
+samples' losses happen to be equal), and the line says which declaration would fit.
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ from launch.user_code import call
 REDUCTIONS = ("mean", "mean_shifted", "sum")
 
 
-def halves(inputs, target):
-    """The batch's two halves (split on the first axis of every tensor)."""
-    h = target.shape[0] // 2
-    first = tree_map(lambda t: t[:h], inputs), target[:h]
-    second = tree_map(lambda t: t[h:], inputs), target[h:]
-    return first, second
+def parts(inputs, target) -> list[tuple]:
+    """The batch split into single samples (split on the first axis of every tensor): the strictest
+    test of additivity, since samples differ most in their counts."""
+    return [(tree_map(lambda t: t[i : i + 1], inputs), target[i : i + 1]) for i in range(target.shape[0])]
 
 
-def adds_up(whole: float, parts: list[float]) -> bool:
-    scale = abs(whole) + sum(abs(p) for p in parts) + 1e-6
-    return abs(whole - sum(parts)) <= 1e-3 * scale
+def adds_up(whole: float, pieces: list[float]) -> bool:
+    scale = abs(whole) + sum(abs(p) for p in pieces) + 1e-6
+    return abs(whole - sum(pieces)) <= 1e-4 * scale
 
 
 def check_method_sums(model, inputs, target, debug: bool) -> None:
@@ -47,12 +45,12 @@ def check_method_sums(model, inputs, target, debug: bool) -> None:
         raise UserError(f"model.loss(batch) must return (loss_sum, count), got {type(out).__name__}")
     if target.shape[0] < 2:
         return
-    a, b = (call("model.loss(batch)", model.loss, half, debug=debug) for half in halves(inputs, target))
-    whole, parts = float(out[0]), [float(a[0]), float(b[0])]
-    if not adds_up(whole, parts) or float(out[1]) != float(a[1]) + float(b[1]):
+    each = [call("model.loss(batch)", model.loss, p, debug=debug) for p in parts(inputs, target)]
+    whole, pieces = float(out[0]), [float(e[0]) for e in each]
+    if not adds_up(whole, pieces) or float(out[1]) != sum(float(e[1]) for e in each):
         raise UserError(
             f"model.loss(batch) must return (sum over the batch, element count): on the first batch of {target.shape[0]} it gave "
-            f"{whole:.6g} (count {float(out[1]):g}), but {parts[0]:.6g} + {parts[1]:.6g} (counts {float(a[1]):g} + {float(b[1]):g}) for its halves; "
+            f"{whole:.6g} (count {float(out[1]):g}), but its samples one by one add up to {sum(pieces):.6g}; "
             "a mean? return (mean * count, count), or for a model that computes a mean in its forward set model.loss_arg and model.loss_reduction"
         )
 
@@ -107,7 +105,7 @@ class OwnLoss:
             if self.reduction not in fits:
                 hint = f"set model.loss_reduction={fits[0]}" if fits else "the loss is neither a sum nor a mean over the counted targets; return a sum, or use a loss(self, batch) method"
                 raise UserError(
-                    f"{where}, model.loss_reduction={self.reduction}: on the first batch the loss does not add up over the batch's two halves "
+                    f"{where}, model.loss_reduction={self.reduction}: on the first batch the loss does not add up over the batch's samples "
                     f"as a {self.reduction} would (targets equal to train.ignore_index={self.ignore} are not counted); {hint}"
                 )
         what = {"mean": "a mean over the targets", "mean_shifted": "a mean over the targets shifted by one", "sum": "a sum"}[self.reduction]
@@ -115,7 +113,7 @@ class OwnLoss:
 
     def _adds_up(self, model, inputs, target, reduction: str) -> bool:
         whole = self.sum_and_count(model, inputs, target, reduction)
-        parts = [self.sum_and_count(model, *half, reduction) for half in halves(inputs, target)]
+        pieces = [self.sum_and_count(model, *p, reduction) for p in parts(inputs, target)]
         if float(whole[1]) == 0:
             return False
-        return adds_up(float(whole[0]), [float(p[0]) for p in parts])
+        return adds_up(float(whole[0]), [float(p[0]) for p in pieces if float(p[1]) > 0])

@@ -21,7 +21,7 @@ from launch import checkpoint, config as config_mod
 from launch.data.build import build_data
 from launch.data.feeder import Feeder
 from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
-from launch.data.types import Split, call_model
+from launch.data.types import Split, call_model, model_output
 from launch.dist import DistEnv, Runtime, resolve_device
 from launch.errors import UserError
 from launch.evaluate import evaluate
@@ -96,7 +96,7 @@ def outputs(model, feeder: Feeder, cfg, device) -> torch.Tensor:
     out = []
     for inputs, _ in feeder.eval_batches():
         with autocast_context(cfg, device):
-            out.append(call_model(model, inputs).float().cpu())
+            out.append(model_output(call_model(model, inputs))[0].float().cpu())
     return torch.cat(out)
 
 

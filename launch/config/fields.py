@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', or an import path 'pkg.module:Class'."""
+    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
     batch_size: int = 32
     """Training batch size PER PROCESS. The global batch is batch_size x world_size (x train.accum_steps)."""
     eval_batch_size: int = 256
@@ -60,7 +60,7 @@ class DataConfig:
     seed: int = 1234
     """Seed for generating or splitting the data (independent of train.seed, identical on every rank)."""
     path: str = ""
-    """File or directory for file-based datasets (csv, npz, mnist)."""
+    """File or directory for file-based datasets (csv, npz, mnist, tokens)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs. Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     collate: str = ""
@@ -80,9 +80,15 @@ class DataConfig:
     ignore: list[str] = field(default_factory=list)
     """csv: columns to leave out of the features (e.g. an id column), by name or index like data.target."""
     val_fraction: float = 0.2
-    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty."""
+    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
     val_path: str = ""
-    """csv, npz: a separate evaluation file (same columns/keys as data.path); then all of data.path trains."""
+    """csv, npz, tokens: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); then all of data.path trains."""
+    seq_len: int = 0
+    """tokens: tokens per window (the model's context length); required for data.name=tokens."""
+    stride: int = 0
+    """tokens: tokens between window starts (0: data.seq_len, windows side by side; 1: every offset)."""
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    """tokens: the token file's integer type (nanoGPT writes uint16; vocabularies over 65,535 need uint32)."""
     x_key: str = "x"
     """npz: name of the feature array (first axis = samples)."""
     y_key: str = "y"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from launch.errors import UserError
 
-BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist")
+BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist", "tokens")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 
 
@@ -44,7 +44,11 @@ def _data(d) -> None:
     _positive("data.eval_max_samples", d.eval_max_samples, allow_zero=True)
     if d.collate and ":" not in d.collate:
         raise UserError(f"data.collate: must be an import path 'pkg.module:fn', got '{d.collate}'")
-    if d.name in ("csv", "npz", "mnist") and not d.path:
+    _positive("data.seq_len", d.seq_len, allow_zero=True)
+    _positive("data.stride", d.stride, allow_zero=True)
+    if d.name == "tokens" and not d.seq_len:
+        raise UserError("data.seq_len: required for data.name=tokens (tokens per window, the model's context length)")
+    if d.name in ("csv", "npz", "mnist", "tokens") and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")

@@ -19,6 +19,10 @@ def build_data(cfg) -> DataBundle:
         from launch.data import tabular
 
         return tabular.build_csv(cfg) if name == "csv" else tabular.build_npz(cfg)
+    if name == "tokens":
+        from launch.data import tokens
+
+        return tokens.build(cfg)
     if name == "mnist":
         from launch.data import mnist
 

@@ -7,6 +7,7 @@ Its items follow the batch contract of `launch.data.types`. Optional attributes:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
@@ -36,6 +37,6 @@ def from_import_path(cfg) -> DataBundle:
     check_tensors((inputs, target), f"{where} item 0")
     in_features = getattr(train, "in_features", None)
     if in_features is None:
-        in_features = torch.as_tensor(inputs).numel() if isinstance(inputs, torch.Tensor) else 0
+        in_features = torch.as_tensor(inputs).numel() if isinstance(inputs, (torch.Tensor, np.ndarray)) else 0
     num_classes = getattr(train, "num_classes", None) or cfg.model.out_features
     return DataBundle(Split(dataset=train), Split(dataset=ev), int(in_features), int(num_classes) if num_classes else None)

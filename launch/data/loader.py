@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import torch
 from torch.utils.data import DataLoader
 
+from launch import lifeline
 from launch.user_code import import_object
 
 
@@ -24,5 +29,9 @@ def data_loader(dataset, cfg, rank: int, device: torch.device, batch_sampler=Non
         pin_memory=pin,
         persistent_workers=workers > 0 and batch_sampler is not None,  # a stream gets a new loader per epoch
         prefetch_factor=2 if workers > 0 else None,
+        # Under `--nproc` (mp.spawn) a rank's default start method is spawn: every worker would import
+        # torch and the user's module again (seconds each). Fork, as under torchrun and plain python.
+        multiprocessing_context="fork" if workers > 0 and sys.platform.startswith("linux") else None,
+        worker_init_fn=functools.partial(lifeline.loader_worker_dies_with, os.getpid()) if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),  # distinct worker seeds per rank
     )

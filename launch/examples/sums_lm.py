@@ -178,3 +178,17 @@ class TinyGPT(nn.Module):
         for _ in range(n_new):
             out = torch.cat([out, self(out[:, -self.seq_len:])[:, -1].argmax(-1, keepdim=True)], dim=1)
         return out
+
+
+def write_token_files(directory: str, n: int = 8000, n_eval: int = 2000, digits: int = 2, seed: int = 0) -> None:
+    """The sums back to back as token files in nanoGPT's layout (train.bin, val.bin: uint16 ids), for
+    data.name=tokens and the token-stream example: the shipped data/tokens/ is
+    `write_token_files("data/tokens")`."""
+    import numpy as np
+    from pathlib import Path
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train.bin"), ("eval", "val.bin")):
+        ds = SumsDataset(split, n, digits, seed, n_eval)
+        text = torch.cat([ds.tokens, torch.full((len(ds), 1), VOCAB.index("."), dtype=torch.int64)], dim=1)  # + the closing "."
+        text.reshape(-1).numpy().astype(np.uint16).tofile(Path(directory) / name)

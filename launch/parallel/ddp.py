@@ -7,6 +7,7 @@ one-process torchrun job costs what a plain process costs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,9 @@ class Replicated:
         if self.k == 1:
             return module
         d = self.cfg.dist
+        # Global statistics keep the buffers equal already: no broadcast before every forward.
+        # (torch 2.13 renamed the switch; older versions know only broadcast_buffers.)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
         return nn.parallel.DistributedDataParallel(
             module,
             device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None,
@@ -53,7 +57,7 @@ class Replicated:
             gradient_as_bucket_view=d.gradient_as_bucket_view,
             static_graph=d.static_graph,
             find_unused_parameters=d.find_unused_parameters,
-            broadcast_buffers=not self.global_bn,  # global statistics keep the buffers equal already
+            **{sync: not self.global_bn},
         )
 
     def micro_step(self, module: nn.Module, sync: bool, real: bool):
