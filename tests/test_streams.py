@@ -1,0 +1,129 @@
+"""Issue 16: streams and scale: an IterableDataset trains in one global order (DDP equals one process),
+resumes bitwise (restored from its state, or replayed), train.max_steps, data.collate for variable-length
+items, the built-in token-file dataset, and an epoch order that costs O(1) per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch import config
+from launch.data.feeder import make_feeder
+from launch.data.types import Split
+from launch.errors import UserError
+from launch.examples import token_stream
+from launch.logger import read_metrics
+from launch.stopping import Stopped
+from tests.test_models import max_diff, spawn, train_inproc
+from tests.helpers import output
+from tests.user_models import CountingStream
+
+SEQ = ["model.name=tests.user_code:SeqGRU", "train.optimizer=sgd", "train.lr=0.5", "log.progress=false", "train.device=cpu"]
+STREAM = [*SEQ, "data.name=tests.user_models:CountingStream", "train.max_steps=1000", "train.epochs=2"]
+TOKENS = ["model.name=launch.examples.sums_lm:TinyGPT", "model.kwargs={seq_len: 16}", "data.name=launch.examples.token_stream:TokenStream",
+          "data.kwargs={path: data/tokens/train.bin, val_path: data/tokens/val.bin, seq_len: 16}", "data.eval_max_samples=200",
+          "data.batch_size=8", "train.optimizer=sgd", "train.lr=0.1", "train.max_steps=14", "log.progress=false", "train.device=cpu"]
+
+
+def items_of(steps) -> list:
+    """(global samples, position, [this rank's first tokens per micro-batch]) per step."""
+    out = []
+    for st in steps:
+        micro = [(x[:n, 0].tolist(), n) for x, _, n in st.batches]
+        out.append((st.global_samples, st.position, st.last, micro))
+    return out
+
+
+@pytest.mark.parametrize("k, b, accum, workers", [(2, 4, 1, 0), (3, 4, 2, 0), (2, 5, 3, 2)])
+def test_every_rank_takes_its_share_of_one_global_order(k, b, accum, workers):
+    """Step j of k ranks at batch b holds the items of step j of one process at batch k*b (the tail
+    dealt round-robin, a rank without an item runs a stand-in); with data.num_workers=2 the same."""
+    cfg = config.load(None, ["train.device=cpu", f"data.num_workers={workers}", "data.name=tests.user_models:CountingStream"])
+    stream = Split(dataset=CountingStream("train", n=77))
+    cpu = torch.device("cpu")
+    one = items_of(make_feeder(stream, cfg, cpu, 0, 1, k * b).epoch_steps(0, 0, 0, accum))
+    ranks = [items_of(make_feeder(stream, cfg, cpu, r, k, b).epoch_steps(0, 0, 0, accum)) for r in range(k)]
+    assert all(len(r) == len(one) for r in ranks) and one[-1][1] == 77 and one[-1][2]
+    for j, (g, pos, last, micro) in enumerate(one):
+        assert all(r[j][:3] == (g, pos, last) for r in ranks)
+        for m, (firsts, n) in enumerate(micro):
+            got = [t for r in ranks for t in r[j][3][m][0]]
+            assert sorted(got) == sorted(firsts) and sum(r[j][3][m][1] for r in ranks) == n
+
+
+def test_a_stream_under_ddp_equals_one_process(tmp_path):
+    one, w1, _ = train_inproc(tmp_path / "one", *STREAM, "data.batch_size=16")
+    p = spawn(2, tmp_path / "two", *STREAM, "data.batch_size=8")
+    assert p.returncode == 0, output(p)
+    w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    assert max_diff(w1, w2) <= 1e-6
+    rec = read_metrics(tmp_path / "two")[-1]
+    assert rec["epoch"] == 1 and rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+
+
+class Counted(token_stream.TokenStream):
+    """TokenStream that counts the windows it reads (to tell a restore from a replay)."""
+
+    reads = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            Counted.reads += 1
+            yield item
+
+
+def test_a_stream_resumes_bitwise_from_its_state_or_by_replay(tmp_path, monkeypatch):
+    """Stopped after step 10 (of 14, 8 windows each) and rerun: the same weights bit for bit, whether the
+    stream restores its saved state (no replay) or has none and is replayed: 80 windows more read."""
+    over = [*TOKENS, "data.name=tests.test_streams:Counted", "ckpt.every_steps=4", "train.check_every_steps=2"]
+    reads = {}
+    for kind in ("restored", "replayed"):
+        if kind == "replayed":
+            monkeypatch.delattr(token_stream.TokenStream, "state_dict")
+        _, ref, _ = train_inproc(tmp_path / kind / "ref", *over)
+        monkeypatch.setenv("LAUNCH_FAULT", "stop:step=9")
+        with pytest.raises(Stopped):
+            train_inproc(tmp_path / kind / "run", *over)
+        monkeypatch.delenv("LAUNCH_FAULT")
+        Counted.reads = 0
+        _, again, out = train_inproc(tmp_path / kind / "run", *over)
+        assert "resumed from" in out and "step 10" in out
+        assert all(torch.equal(ref[k], again[k]) for k in ref), kind
+        reads[kind] = Counted.reads
+    assert reads["replayed"] - reads["restored"] == 10 * 8
+
+
+def test_a_stream_needs_max_steps(tmp_path):
+    with pytest.raises(UserError, match=r"is a stream \(an IterableDataset\): set train.max_steps"):
+        train_inproc(tmp_path, *SEQ, "data.name=tests.user_models:CountingStream")
+
+
+def test_max_steps_cuts_an_epoch_and_raising_it_continues_exactly(tmp_path):
+    """train.max_steps on map-style data: the run ends mid-epoch (recorded, saved at its position);
+    a rerun with a larger max_steps continues there and ends where an uninterrupted run ends."""
+    base = [*SEQ, "data.name=tests.user_code:Tokens", "data.batch_size=8", "train.epochs=3"]
+    _, ref, _ = train_inproc(tmp_path / "ref", *base, "train.max_steps=20")
+    first, _, _ = train_inproc(tmp_path / "run", *base, "train.max_steps=9")
+    assert first["step"] == 9 and first["epoch"] == 0  # 13 steps per epoch: cut inside epoch 0
+    again, w, out = train_inproc(tmp_path / "run", *base, "train.max_steps=20")
+    assert "resumed from" in out and again["step"] == 20
+    assert all(torch.equal(ref[k], w[k]) for k in ref)
+
+
+def test_variable_length_items_with_a_padding_collate_keep_ddp_exact(tmp_path):
+    """data.collate pads targets with -100: token counts differ per rank; the loss stays token-weighted."""
+    var = [*SEQ, "data.name=tests.user_models:VarLen", "data.collate=tests.user_models:pad", "train.epochs=2"]
+    one, w1, _ = train_inproc(tmp_path / "one", *var, "data.batch_size=16")
+    p = spawn(2, tmp_path / "two", *var, "data.batch_size=8", "data.num_workers=1")
+    assert p.returncode == 0, output(p)
+    assert max_diff(w1, torch.load(tmp_path / "two" / "model.pt", weights_only=True)) <= 1e-6
+    assert read_metrics(tmp_path / "two")[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+
+
+def test_token_files_as_nanogpt_writes_them_train_in_windows(tmp_path):
+    result, _, _ = train_inproc(tmp_path, "model.name=launch.examples.sums_lm:TinyGPT", "model.kwargs={seq_len: 16}", "data.name=tokens",
+                                "data.path=data/tokens/train.bin", "data.val_path=data/tokens/val.bin", "data.seq_len=16",
+                                "data.batch_size=64", "train.optimizer=adamw", "train.lr=0.003", "train.max_steps=40", "log.progress=false", "train.device=cpu")
+    assert result["eval_samples"] == (20000 - 1) // 16 and result["eval_loss"] < 2.0  # log(13) = 2.56 before learning
+    with pytest.raises(UserError, match="data.seq_len: required for data.name=tokens"):
+        config.load(None, ["data.name=tokens", "data.path=data/tokens/train.bin"])
