@@ -2,6 +2,7 @@
 
 Error policy (see launch/errors.py):
 - user mistakes: one line from rank 0, exit 2, raised before the process group exists where possible;
+- a rendezvous problem (launch.rendezvous): one line from every rank that meets it, exit 2;
 - a peer died: one line, exit 4, no collective teardown (it could hang), the launcher reaps the rest;
 - anything else: the traceback, via torchrun's @record error file when under torchrun.
 """
@@ -59,10 +60,18 @@ def _is_peer_failure(exc: BaseException) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out waiting", "Socket Timeout"))
 
 
+def _say_once(line: str) -> None:
+    """One write for line and newline: under PYTHONUNBUFFERED print() writes them apart, and the
+    ranks that share a terminal or a pipe print at the same moment (one write < PIPE_BUF is atomic)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
     from launch import dist as dist_mod
     from launch.loop import train
+    from launch.rendezvous import RendezvousError
     from launch.stopping import Stopped
 
     try:
@@ -82,6 +91,9 @@ def run_worker(cfg) -> int:
             print(f"done: {acc}eval_loss {result['eval_loss']:.4f} at epoch {result['epoch']} step {result['step']}; run dir {cfg.run.dir}", flush=True)
         dist_mod.teardown(rt)
         return 0
+    except RendezvousError as e:  # each rank may see another problem (or be the only one that fails)
+        _say_once(f"error: rank {env.rank}: {e}")
+        dist_mod.exit_hard(e.code)
     except UserError as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
