@@ -22,7 +22,7 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from launch import rendezvous
+from launch import hangs, rendezvous
 from launch.errors import UserError
 from launch.rendezvous import RendezvousError
 
@@ -149,7 +149,7 @@ class Runtime:
     device: torch.device
     backend: Optional[str]
     save_group: Optional[object] = None  # gloo group with a long timeout, for the checkpoint barrier
-    store: Optional[object] = None  # this attempt's rendezvous store
+    store: Optional[object] = None  # this attempt's rendezvous store (launch.hangs trades its records there)
 
 
 def _rendezvous(cfg, env: DistEnv):
@@ -187,6 +187,7 @@ def setup(cfg, env: DistEnv) -> Runtime:
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
     store = _rendezvous(cfg, env)
+    hangs.enable_flight_recorder()
     try:
         dist.init_process_group(
             backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,

@@ -4,6 +4,8 @@ Error policy (see launch/errors.py):
 - user mistakes: one line from rank 0, exit 2, raised before the process group exists where possible;
 - a rendezvous problem (launch.rendezvous): one line from every rank that meets it, exit 2;
 - a peer died: one line, exit 4, no collective teardown (it could hang), the launcher reaps the rest;
+- a collective timed out (launch.hangs): one line per rank naming the collective, its number and
+  the culprit, the flight record kept in <run dir>/hang/, exit 5;
 - anything else: the traceback, via torchrun's @record error file when under torchrun.
 """
 
@@ -19,7 +21,7 @@ from typing import NoReturn
 
 from launch import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
-from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
+from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +71,7 @@ def _say_once(line: str) -> None:
 
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
-    from launch import dist as dist_mod
+    from launch import dist as dist_mod, hangs
     from launch.loop import train
     from launch.rendezvous import RendezvousError
     from launch.stopping import Stopped
@@ -106,6 +108,10 @@ def run_worker(cfg) -> int:
             dist_mod.teardown(rt)
         return e.code
     except Exception as e:
+        if rt is not None and env.distributed and (hangs.is_timeout(e) or (_is_peer_failure(e) and hangs.peer_timed_out(rt))):
+            _say_once(f"error: {hangs.report(rt, cfg.run_dir, e)}")
+            hangs.finish(rt)
+            dist_mod.exit_hard(EXIT_HANG)
         if rt is not None and env.distributed and _is_peer_failure(e):
             first = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
             print(f"rank {env.rank}: stopping because another rank failed ({first})", file=sys.stderr, flush=True)
