@@ -15,13 +15,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
+from launch import hangs, rendezvous
 from launch.errors import UserError
+from launch.rendezvous import RendezvousError
 
 
 @dataclass
@@ -146,20 +149,28 @@ class Runtime:
     device: torch.device
     backend: Optional[str]
     save_group: Optional[object] = None  # gloo group with a long timeout, for the checkpoint barrier
+    store: Optional[object] = None  # this attempt's rendezvous store (launch.hangs trades its records there)
 
 
-def _store(env: DistEnv, timeout: datetime.timedelta):
+def _rendezvous(cfg, env: DistEnv):
+    """Probe and connect to the store, agree on the world (launch.rendezvous), within dist.timeout_s."""
+    deadline = time.monotonic() + cfg.dist.timeout_s
     # torchrun hosts the store in its agent (TORCHELASTIC_USE_AGENT_STORE) and so does our
     # spawn parent (LAUNCH_STORE_HOSTED); under srun rank 0 hosts it.
     hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or os.environ.get("LAUNCH_STORE_HOSTED") == "1"
-    try:
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=(env.rank == 0 and not hosted), timeout=timeout, multi_tenant=not hosted)
-    except (RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot reach the rendezvous store at {env.master_addr}:{env.master_port}: {first}") from None
+    store = rendezvous.connect(env, cfg.dist.timeout_s, hosted, deadline)
     # After a torchrun restart the agent's store still holds the previous attempt's keys;
     # a per-attempt prefix keeps the new group from reading stale addresses (pytorch#135712).
-    return dist.PrefixStore(f"launch/attempt_{env.restart_count}", store)
+    store = dist.PrefixStore(f"launch/attempt_{env.restart_count}", store)
+    try:
+        rendezvous.join(store, env, deadline, cfg.dist.timeout_s)
+    except dist.DistError as e:  # the store went away under us (its host died)
+        raise RendezvousError(f"lost the rendezvous store at {env.master_addr}:{env.master_port} while the ranks checked in: {_first_line(e)}") from None
+    return store
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def setup(cfg, env: DistEnv) -> Runtime:
@@ -175,16 +186,20 @@ def setup(cfg, env: DistEnv) -> Runtime:
     if backend == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
-    dist.init_process_group(
-        backend=backend,
-        store=_store(env, timeout),
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timeout,
-        device_id=device if device.type == "cuda" else None,
-    )
-    save_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.ckpt.barrier_timeout_s))
-    return Runtime(env, device, backend, save_group)
+    store = _rendezvous(cfg, env)
+    hangs.enable_flight_recorder()
+    try:
+        dist.init_process_group(
+            backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+        save_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.ckpt.barrier_timeout_s))
+    except RuntimeError as e:  # every rank checked in, but the backend's own connections failed
+        raise RendezvousError(
+            f"the {backend} process group did not form within dist.timeout_s={cfg.dist.timeout_s:g} ({_first_line(e)}): "
+            "check that the nodes reach each other on the interface the backend picks (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)"
+        ) from None
+    return Runtime(env, device, backend, save_group, store)
 
 
 def teardown(rt: Runtime) -> None:

@@ -2,7 +2,10 @@
 
 Error policy (see launch/errors.py):
 - user mistakes: one line from rank 0, exit 2, raised before the process group exists where possible;
+- a rendezvous problem (launch.rendezvous): one line from every rank that meets it, exit 2;
 - a peer died: one line, exit 4, no collective teardown (it could hang), the launcher reaps the rest;
+- a collective timed out (launch.hangs): one line per rank naming the collective, its number and
+  the culprit, the flight record kept in <run dir>/hang/, exit 5;
 - anything else: the traceback, via torchrun's @record error file when under torchrun.
 """
 
@@ -18,7 +21,7 @@ from typing import NoReturn
 
 from launch import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
-from launch.errors import EXIT_CRASH, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
+from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,10 +63,18 @@ def _is_peer_failure(exc: BaseException) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out waiting", "Socket Timeout"))
 
 
+def _say_once(line: str) -> None:
+    """One write for line and newline: under PYTHONUNBUFFERED print() writes them apart, and the
+    ranks that share a terminal or a pipe print at the same moment (one write < PIPE_BUF is atomic)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
-    from launch import dist as dist_mod
+    from launch import dist as dist_mod, hangs
     from launch.loop import train
+    from launch.rendezvous import RendezvousError
     from launch.stopping import Stopped
 
     try:
@@ -83,6 +94,9 @@ def run_worker(cfg) -> int:
             print(f"done: {acc}eval_loss {result['eval_loss']:.4f} at epoch {result['epoch']} step {result['step']}; run dir {cfg.run.dir}", flush=True)
         dist_mod.teardown(rt)
         return 0
+    except RendezvousError as e:  # each rank may see another problem (or be the only one that fails)
+        _say_once(f"error: rank {env.rank}: {e}")
+        dist_mod.exit_hard(e.code)
     except UserError as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -95,6 +109,10 @@ def run_worker(cfg) -> int:
             dist_mod.teardown(rt)
         return e.code
     except Exception as e:
+        if rt is not None and env.distributed and (hangs.is_timeout(e) or (_is_peer_failure(e) and hangs.peer_timed_out(rt))):
+            _say_once(f"error: {hangs.report(rt, cfg.run_dir, e)}")
+            hangs.finish(rt)
+            dist_mod.exit_hard(EXIT_HANG)
         if rt is not None and env.distributed and _is_peer_failure(e):
             first = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
             print(f"rank {env.rank}: stopping because another rank failed ({first})", file=sys.stderr, flush=True)

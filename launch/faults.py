@@ -6,9 +6,13 @@ LAUNCH_FAULT holds ';'-separated items `kind:key=value:...`, for example
 - kill: SIGKILL this process (a dead node);
 - nan: make this step's loss NaN;
 - stop: request a stop, as SIGTERM would;
-- stall_save: sleep `seconds` between writing a checkpoint and renaming it (kill the writer there).
+- stall_save: sleep `seconds` between writing a checkpoint and renaming it (kill the writer there);
+- mismatch: call one extra collective (a barrier) before the step, as a model that calls a
+  collective on some ranks only would: from there on the ranks' collectives no longer pair up and
+  the job hangs until dist.timeout_s (see launch.hangs). (An extra all_reduce whose size differs
+  from the peer's is no hang: gloo aborts the process with its own "collective mismatch" message.)
 `rank` (default any) and `attempt` (TORCHELASTIC_RESTART_COUNT, default any) narrow an item.
-With LAUNCH_FAULT_MARK=PATH, raise and kill first write the time (time.time()) to PATH, so a test
+With LAUNCH_FAULT_MARK=PATH, raise, kill and mismatch first write the time (time.time()) to PATH, so a test
 can measure how fast the job goes down from the failure itself, not from the launch.
 Unset in normal runs: then every check is a dictionary lookup on an empty dict.
 """
@@ -21,7 +25,7 @@ import time
 
 from launch.errors import UserError
 
-KINDS = ("raise", "kill", "nan", "stop", "stall_save")
+KINDS = ("raise", "kill", "nan", "stop", "stall_save", "mismatch")
 
 
 class Faults:
@@ -47,13 +51,17 @@ class Faults:
         """Run crash faults for `step`; return True if this step's loss must be NaN."""
         nan = False
         for f in self.kinds_at(step):
-            if f["kind"] in ("raise", "kill") and os.environ.get("LAUNCH_FAULT_MARK"):
+            if f["kind"] in ("raise", "kill", "mismatch") and os.environ.get("LAUNCH_FAULT_MARK"):
                 with open(os.environ["LAUNCH_FAULT_MARK"], "w") as mark:
                     mark.write(repr(time.time()))
             if f["kind"] == "raise":
                 raise RuntimeError(f"injected failure at step {step} (LAUNCH_FAULT)")
             if f["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if f["kind"] == "mismatch":
+                import torch.distributed as dist
+
+                dist.barrier()
             nan |= f["kind"] == "nan"
         return nan
 
