@@ -62,7 +62,9 @@ class Feeder:
             self.y = split.y.to(device, non_blocking=True)
         else:
             self.sampler = _BatchSampler()
-            dataset = SeededDataset(split.dataset, cfg.train.seed) if cfg.data.seed_samples else _Plain(split.dataset)
+            # A dataset that draws no random numbers can say so (needs_sample_seeds = False) and skip the cost.
+            seeded = cfg.data.seed_samples and getattr(split.dataset, "needs_sample_seeds", True)
+            dataset = SeededDataset(split.dataset, cfg.train.seed) if seeded else _Plain(split.dataset)
             self.loader = data_loader(dataset, cfg, rank, device, self.sampler)
 
     @property

@@ -21,6 +21,8 @@ from launch.errors import UserError
 
 
 class TokenWindows(Dataset):
+    needs_sample_seeds = False  # no randomness in loading a window: skip the per-sample seeding (launch.data.seeding)
+
     def __init__(self, path: str, dtype: str, seq_len: int, stride: int, first: int = 0, last: int = -1):
         self.path, self.dtype, self.seq_len, self.stride = path, dtype, seq_len, stride
         size = Path(path).stat().st_size // np.dtype(dtype).itemsize

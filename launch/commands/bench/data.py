@@ -20,25 +20,25 @@ from launch.commands.bench.workloads import stats
 _ORDER_PROBE = r"""
 import json, sys, psutil, torch
 from torch.utils.data import Dataset
+from launch import config
+from launch.data.feeder import Feeder
+from launch.data.order import epoch_permutation
+from launch.data.types import Split
 n, how = int(sys.argv[1]), sys.argv[2]
 class Sized(Dataset):
     def __len__(self): return n
     def __getitem__(self, i): return torch.zeros(1), 0
+cfg = config.load(None, ["train.device=cpu", "data.seed_samples=false"])
+feeder = Feeder(Split(dataset=Sized()), cfg, torch.device("cpu"), 0, 1, 64)
 proc = psutil.Process()
 before = proc.memory_info().rss
 if how == "ours":
-    from launch import config
-    from launch.data.feeder import Feeder
-    from launch.data.types import Split
-    cfg = config.load(None, ["train.device=cpu", "data.seed_samples=false"])
-    it = Feeder(Split(dataset=Sized()), cfg, torch.device("cpu"), 0, 1, 64).train_epoch(0, 0)
+    it = feeder.train_epoch(0, 0)
     for _ in range(100): next(it)
 else:  # the whole epoch's index lists, as before
-    from launch.data.order import epoch_permutation
     lists = [c.tolist() for c in epoch_permutation(n, 0, 0).long().split(64)]
 print(json.dumps({"added_mb": (proc.memory_info().rss - before) / 2**20}))
 """
-
 
 def _per_sample_us(fn, n: int) -> float:
     t = time.perf_counter()

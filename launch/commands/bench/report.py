@@ -60,6 +60,10 @@ def markdown(res: dict) -> str:
             else:
                 lines.append(f"| 2 gloo processes (batch 5 each) vs 1 process (batch 10), CPU | {d['scale']} | {_span(d['world_1'])} | {_span(d['world_2_gloo'])} | **{d['ratio']:.3f}** |")
         lines.append("")
+    if res.get("data"):
+        from launch.commands.bench import data
+
+        lines += data.markdown(res["data"])
     return "\n".join(lines)
 
 
