@@ -148,7 +148,7 @@ class StreamFeeder:
     def _spec(self, **extra) -> dict:
         c = self.cfg
         return {"seed": c.train.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
-                "seed_samples": c.data.seed_samples, "collate": collate_fn(c), **extra}
+                "seed_samples": c.data.seed_samples and getattr(self.dataset, "needs_sample_seeds", True), "collate": collate_fn(c), **extra}
 
     def _to_device(self, batch):
         inputs, target = split_item(batch, self.where)

@@ -16,6 +16,8 @@ from torch.utils.data import IterableDataset
 
 
 class TokenStream(IterableDataset):
+    needs_sample_seeds = False  # reading windows draws no random numbers: no per-item seeding needed
+
     def __init__(self, split: str, path: str, val_path: str, seq_len: int = 32, dtype: str = "uint16"):
         self.path = path if split == "train" else val_path
         self.endless = split == "train"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from launch.commands.bench.data import markdown as data_markdown
 from launch.commands.bench.workloads import SEEDS, SEEDS_CROSSOVER, mlp_params
 
 
@@ -61,9 +62,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| 2 gloo processes (batch 5 each) vs 1 process (batch 10), CPU | {d['scale']} | {_span(d['world_1'])} | {_span(d['world_2_gloo'])} | **{d['ratio']:.3f}** |")
         lines.append("")
     if res.get("data"):
-        from launch.commands.bench import data
-
-        lines += data.markdown(res["data"])
+        lines += data_markdown(res["data"])
     return "\n".join(lines)
 
 
