@@ -151,19 +151,32 @@ def test_in_memory_and_dataloader_paths_follow_the_same_order(workers):
             assert all(yb[:m].tolist() == [i % 3 for i in xs] for (_, yb, m), xs in zip(mem.train_epoch(seed, epoch), got_mem))
 
 
-class WorkerSeed(Dataset):
+class Draws(Dataset):
+    """Item i: (its index, a number drawn from torch's global generator, as augmentation draws)."""
+
     def __len__(self):
-        return 8
+        return 24
 
     def __getitem__(self, i):
-        return torch.tensor([float(torch.initial_seed() % 2**24)]), 0
+        return torch.tensor([float(i), torch.rand(()).item()]), 0
 
 
-def test_dataloader_workers_are_seeded_per_rank():
-    cfg = config.load(None, ["data.num_workers=1", "train.seed=3", "train.device=cpu"])
-    seeds = [Feeder(Split(dataset=WorkerSeed()), cfg, torch.device("cpu"), r, 2, 4) for r in range(2)]
-    first = [next(iter(f.train_epoch(3, 0)))[0][0].item() for f in seeds]
-    assert first[0] != first[1]
+def draws(workers: int, rank: int, world: int, epoch: int) -> dict:
+    cfg = config.load(None, [f"data.num_workers={workers}", "train.seed=3", "train.device=cpu"])
+    feeder = Feeder(Split(dataset=Draws()), cfg, torch.device("cpu"), rank, world, 4)
+    return {int(x[0]): float(x[1]) for xb, _, n in feeder.train_epoch(3, epoch) for x in xb[:n]}
+
+
+def test_a_samples_randomness_depends_on_seed_epoch_and_index_only():
+    """Not on the worker that loads it, data.num_workers or the world size: the same draw for sample i
+    in epoch e everywhere, and a new draw in the next epoch."""
+    one = draws(0, 0, 1, 0)
+    assert sorted(one) == list(range(24))
+    two_workers = {**draws(2, 0, 2, 0), **draws(2, 1, 2, 0)}
+    assert two_workers == one
+    assert draws(1, 0, 1, 0) == one
+    nxt = draws(0, 0, 1, 1)
+    assert all(nxt[i] != one[i] for i in one)
 
 
 def test_stop_and_resume_with_accumulation_is_bitwise(tmp_path, monkeypatch):

@@ -163,17 +163,6 @@ def test_model_outputs_without_a_usable_tensor_name_the_way_out():
     assert model_output((logits, None))[0] is logits and "first element" in model_output((logits, None))[1]
 
 
-def test_nanogpt_style_tuple_output_with_its_own_loss_trains_and_predicts_or_says_why(tmp_path):
-    ng = ["--config", "configs/nanogpt.yaml", "train.epochs=1", "train.device=cpu", f"run.dir={tmp_path}"]
-    p = run([PY, "train_single.py", *ng], timeout=120)
-    assert p.returncode == 0, output(p)
-    assert "loss: the model's own (model.loss_arg=targets" in p.stdout
-    q = run([PY, "-m", "launch", "predict", str(tmp_path), "-o", str(tmp_path / "p.csv")])
-    assert q.returncode == 2 and len(q.stderr.strip().splitlines()) == 1 and "use --eval" in q.stderr, output(q)
-    e = run([PY, "-m", "launch", "predict", str(tmp_path), "--eval"])
-    assert e.returncode == 0 and json.loads(e.stdout)["loss"] == pytest.approx(read_metrics(tmp_path)[-1]["eval_loss"], abs=1e-6), output(e)
-
-
 # --------------------------------------------------------------------------- first-hour mistakes
 
 
