@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from launch import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
-from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USAGE, UserError, fail
+from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_STOPPED, EXIT_USAGE, UserError, fail
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,11 +103,18 @@ def run_worker(cfg) -> int:
         dist_mod.exit_hard(e.code)
     except Stopped as e:
         # Every rank agreed on this stop and passed the save barrier: a normal teardown is safe.
+        code = e.code
+        if code == EXIT_STOPPED and env.launcher == "torchrun":
+            # torchrun counts any non-zero exit as a failure: it would restart the workers
+            # (--max-restarts) and resume them, or end in a ChildFailedError wall. Exit 0; the run
+            # directory's STOPPED file tells this stop from a finish.
+            code = 0
+            e = Stopped(f"{e} (exit 0 under torchrun, which restarts failed workers; {cfg.run_dir / 'STOPPED'} records the stop)", code)
         if env.is_main:
             print(("error: " if e.code == EXIT_NONFINITE else "") + str(e), file=sys.stderr, flush=True)
         if rt is not None:
             dist_mod.teardown(rt)
-        return e.code
+        return code
     except Exception as e:
         if rt is not None and env.distributed and (hangs.is_timeout(e) or (_is_peer_failure(e) and hangs.peer_timed_out(rt))):
             _say_once(f"error: {hangs.report(rt, cfg.run_dir, e)}")

@@ -28,7 +28,7 @@ from launch.profiling import make_profiler
 from launch.resources import GradNormProbe, ResourceMeter
 from launch.state import TrainState, Trainables
 from launch.step import TrainingModule, TrainStep
-from launch.stopping import StopRequest
+from launch.stopping import STOPPED, StopRequest
 from launch.task import Task
 
 
@@ -110,6 +110,8 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch, strategy)
     try:
         _open_run_dir(run, resumed_from, ckpt)
+        if rt.env.is_main:  # this run is under way: the last one's stop (if any) is history
+            (cfg.run_dir / STOPPED).unlink(missing_ok=True)
         _finish_setup(run, graphs, graph_note)
     except BaseException:
         if run.lock is not None:

@@ -33,11 +33,13 @@ class StopRequest:
     agent. That pair counts as one.)"""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    CAUSES = ("stop file", *(s.name for s in SIGNALS))  # the order of the agreement's cause counts
 
     def __init__(self, stop_file: Path):
         self.signum = 0
         self.first_at = 0.0
         self.stop_file = stop_file
+        self.agreed = ""  # the causes every rank agreed on, for the stop's line
 
     def install(self) -> dict:
         """Install the handlers; return the previous ones (restored when training returns)."""
@@ -53,22 +55,39 @@ class StopRequest:
     def requested(self) -> bool:
         return bool(self.signum) or self.stop_file.exists()
 
+    def causes(self) -> list[float]:
+        """This rank's vote per cause: [stop file, SIGTERM, SIGINT, SIGUSR1]."""
+        return [float(self.stop_file.exists()), *(float(self.signum == s) for s in self.SIGNALS)]
+
     def reason(self) -> str:
+        if self.agreed:
+            return self.agreed
         if self.signum:
             return signal.Signals(self.signum).name
         return f"stop file {self.stop_file}"
 
+    def agree_on(self, counts: list[float], world_size: int) -> None:
+        """Name the stop by what the ranks saw: 'SIGTERM (on 1 of 2 ranks)', never a cause nobody saw."""
+        named = []
+        for cause, n in zip(self.CAUSES, counts):
+            if n > 0:
+                what = f"stop file {self.stop_file}" if cause == "stop file" else cause
+                named.append(what if world_size == 1 or n == world_size else f"{what} (on {int(n)} of {world_size} ranks)")
+        self.agreed = " and ".join(named)
+
 
 def agree(stop: StopRequest, loss_sum: torch.Tensor, rt: Runtime) -> tuple[bool, bool]:
-    """All ranks learn whether anyone wants to stop and whether anyone's loss went non-finite.
-    Flags are built on the device and read back once (one host sync). Alone, there is nobody
-    to agree with: one read of the sum is the whole check."""
+    """All ranks learn whether anyone wants to stop (and why) and whether anyone's loss went
+    non-finite. Flags are built on the device and read back once (one host sync). Alone, there is
+    nobody to agree with: one read of the sum is the whole check."""
     if rt.env.world_size == 1:
         return stop.requested(), not math.isfinite(loss_sum.item())
-    flags = torch.stack([loss_sum.new_full((), float(stop.requested())), (~torch.isfinite(loss_sum)).to(loss_sum.dtype)])
+    flags = torch.cat([(~torch.isfinite(loss_sum)).to(loss_sum.dtype).reshape(1), loss_sum.new_tensor(stop.causes())])
     all_reduce_sum(flags, rt)
-    wants_stop, nonfinite = flags.tolist()
-    return wants_stop > 0, nonfinite > 0
+    nonfinite, *counts = flags.tolist()
+    if any(counts):
+        stop.agree_on(counts, rt.env.world_size)
+    return any(counts), nonfinite > 0
 
 
 def nonfinite(cfg, step: int, epoch: int) -> Stopped:
@@ -79,8 +98,15 @@ def nonfinite(cfg, step: int, epoch: int) -> Stopped:
     )
 
 
+STOPPED = "STOPPED"  # in the run directory while the last run there stopped on purpose (removed when a run starts)
+
+
 def stopped(stop: StopRequest, rt: Runtime, run_dir: Path, step: int, where: str) -> Stopped:
-    """The agreed stop, after its checkpoint: the STOP file is consumed (a requeued job must not stop again at once)."""
+    """The agreed stop, after its checkpoint: the STOP file is consumed (a requeued job must not stop
+    again at once) and STOPPED records it, so a caller that only sees exit 0 (torchrun) can tell a
+    stop from a finish."""
+    line = f"stopped by {stop.reason()} at step {step} ({where}); checkpoint saved, rerun the same command to resume"
     if rt.env.is_main:
         (run_dir / "STOP").unlink(missing_ok=True)
-    return Stopped(f"stopped by {stop.reason()} at step {step} ({where}); checkpoint saved, rerun the same command to resume", EXIT_STOPPED)
+        (run_dir / STOPPED).write_text(line + "\n")
+    return Stopped(line, EXIT_STOPPED)
