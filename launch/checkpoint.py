@@ -142,7 +142,7 @@ def read_pointer(ckdir: Path) -> tuple[Optional[str], Optional[str]]:
     path = Path(ckdir) / LATEST
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no pointer (checkpoints/ being a file is check_checkpoint_room's to say)
         return None, None
     except OSError as e:
         return None, f"is unreadable ({integrity.cause(e)})"

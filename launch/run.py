@@ -236,8 +236,9 @@ def _prepare_run_dir(run: Run, resumed_from, torn: Optional[str]) -> None:
     else:
         if torn:
             kept = integrity.set_aside(run_dir / "config.yaml", "torn")
-            source = f"the config inside {resumed_from.name}" if resumed_from.parent == checkpoint.checkpoint_dir(run_dir) else "nothing"
-            say(f"{run_dir / 'config.yaml'} was torn ({torn}); kept it as {kept.name} and compared this run with {source}")
+            own = resumed_from.parent == checkpoint.checkpoint_dir(run_dir)
+            compared = f"compared this run with the config inside {resumed_from.name}" if own else "nothing to compare this run with"
+            say(f"{run_dir / 'config.yaml'} was torn ({torn}); kept it as {kept.name}; {compared}")
         checkpoint.set_aside_unusable(run_dir, resumed_from, say)
     checkpoint.clean_temporaries(run_dir)
     rundir.check_checkpoint_room(checkpoint.checkpoint_dir(run_dir), checkpoint.estimate_bytes(run.bare, run.parts.optimizer))

@@ -161,7 +161,8 @@ def check_checkpoint_room(ckdir: Path, needed: int) -> None:
         raise UserError(f"cannot save checkpoints into {ckdir}: it exists and is not a directory; {way_out}")
     # Permission bits do not tell root (or /proc) the truth: write a byte and fsync, as a save will.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".probe.tmp-", dir=ckdir)
+        probe = ckdir / f".probe.tmp-{os.getpid()}"  # a temporary's name: clean_temporaries removes one a kill left
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, b"x")
             os.fsync(fd)
