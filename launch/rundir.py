@@ -170,7 +170,8 @@ def check_checkpoint_room(ckdir: Path, needed: int) -> None:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write checkpoints into {ckdir} ({cause(e)}): the first save would fail; {way_out}") from None
+        why = "this filesystem takes no new files" if e.errno == errno.ENOENT else cause(e)  # ENOENT in a directory that exists: /proc, sysfs
+        raise UserError(f"cannot write checkpoints into {ckdir} ({why}): the first save would fail; {way_out}") from None
     try:
         st = os.statvfs(ckdir)
     except (OSError, AttributeError):

@@ -144,6 +144,26 @@ def test_torn_metrics_and_config_are_kept_aside_and_the_rerun_resumes(copy_of):
     assert kept[0].name in only_line(out, "config.yaml was torn")
 
 
+def test_a_failed_append_leaves_no_torn_line(tmp_path):
+    """A metrics record that does not fit (here: the file size limit, as a full disk would) is one
+    line naming the file, and the file keeps only whole records: the next append starts clean."""
+    script = (
+        "import resource, sys\n"
+        "from launch.logger import MetricsLog\n"
+        "log = MetricsLog(sys.argv[1], True)\n"
+        "log.write({'step': 1})\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))\n"
+        "try:\n"
+        "    log.write({'step': 2, 'note': 'x' * 200})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    p = run([PY, "-c", script, str(tmp_path)])
+    assert p.returncode == 0, output(p)
+    assert p.stdout.strip() == f"WriteError cannot append to {tmp_path / 'metrics.jsonl'}: file size limit exceeded (ulimit -f / RLIMIT_FSIZE)"
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"step": 1}\n'
+
+
 @pytest.mark.parametrize("garbage", [b"garbage\n", b"\xff\xfe\x80step_\x00\x9c"], ids=["text", "not-utf8"])
 def test_garbage_latest_falls_back_to_the_complete_checkpoints(copy_of, garbage):
     (copy_of / "checkpoints" / "latest").write_bytes(garbage)
@@ -166,7 +186,7 @@ def test_unwritable_checkpoints_are_refused_before_step_1(tmp_path, kind):
         needle = "exists and is not a directory"
     else:  # root ignores permission bits; /proc takes no new files from anyone
         (run_dir / "checkpoints").symlink_to("/proc/self")
-        needle = "cannot write checkpoints into"
+        needle = "(this filesystem takes no new files): the first save would fail"
     with pytest.raises(UserError) as err:
         train_inproc(run_dir)
     message = str(err.value)
