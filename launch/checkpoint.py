@@ -1,10 +1,15 @@
-"""Atomic full-state checkpoints, written by rank 0 only, and finding the one to resume from.
+"""Atomic, checksummed full-state checkpoints, written by rank 0 only, and finding the one to resume from.
 
-Layout: <run dir>/checkpoints/step_00000120.pt plus `latest`, a one-line text file naming
-the newest complete checkpoint. A checkpoint counts only once `latest` names it (the commit
-marker): the file is written under a temporary name, flushed and fsynced, renamed with
-os.replace, the directory fsynced, and only then is `latest` replaced the same way. A kill
-at any instant therefore leaves the previous checkpoint and pointer intact.
+Layout: <run dir>/checkpoints/step_00000120.pt, its manifest step_00000120.manifest.json
+({file: {bytes, sha256}}, launch.integrity) and `latest`, a one-line text file naming the newest
+complete checkpoint. A checkpoint counts only once `latest` names it (the commit marker): the file
+is written under a temporary name while its bytes are hashed, fsynced, its manifest is written,
+the file is renamed with os.replace, the directory fsynced, and only then is `latest` replaced the
+same way. A kill at any instant therefore leaves the previous checkpoint and pointer intact.
+
+A load checks the file against its manifest first: a flipped bit or a truncated file is one line
+and the resume falls back to the previous checkpoint; the bad file is later set aside (renamed,
+never deleted). Files written before manifests existed load unverified.
 
 Checkpoints hold only tensors and plain Python types, so every load here uses
 torch.load(weights_only=True): a file carrying a pickled object is refused, never executed.
@@ -12,19 +17,20 @@ torch.load(weights_only=True): a file carrying a pickled object is refused, neve
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from launch import integrity
 from launch.errors import UserError
+from launch.integrity import WriteError, atomic_write, atomic_write_text, manifest_path
 
 FORMAT = "launch-checkpoint/1"
 LATEST = "latest"
+POINTER = re.compile(r"step_\d{8}\.pt")
 
 
 class CheckpointError(UserError):
@@ -39,53 +45,47 @@ def step_path(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable, before_rename: Optional[Callable] = None) -> None:
-    """Write via `write(fileobj)` to a temporary name in the same directory, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()  # test hook: a kill here must leave no file under the final name
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 # --------------------------------------------------------------------------- save
 
 
+def _write_checked(path: Path, obj, what: str, before_rename: Optional[Callable] = None, **extra) -> None:
+    """torch.save `obj` atomically with its manifest written before the rename, so every file under
+    a final name has its checksum. A failed write leaves no manifest of a file that is not there."""
+
+    def seal(record: dict) -> None:
+        integrity.write_manifest(manifest_path(path), {path.name: record}, **extra)
+        if before_rename is not None:
+            before_rename()  # test hook: a kill here must leave no file under the final name
+
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f), seal, what=what)
+    except BaseException:
+        if not path.exists():
+            manifest_path(path).unlink(missing_ok=True)
+        raise
+
+
 def save(state: dict, run_dir: Path, step: int, keep_last: int, before_rename: Optional[Callable] = None) -> Path:
-    """Rank 0 only. Write step_XXXXXXXX.pt atomically, then move the `latest` marker, then prune."""
+    """Rank 0 only. Write step_XXXXXXXX.pt and its manifest, then move the `latest` marker, then prune.
+    A failed write is one line naming the file and the cause; the previous checkpoint stays committed."""
     ckdir = checkpoint_dir(run_dir)
-    ckdir.mkdir(parents=True, exist_ok=True)
     path = step_path(run_dir, step)
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), before_rename)
-    atomic_write_text(ckdir / LATEST, path.name + "\n")
+    previous = read_latest(ckdir)
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        _write_checked(path, {"format": FORMAT, **state}, "checkpoint", before_rename, checkpoint=path.name, step=step)
+        atomic_write_text(ckdir / LATEST, path.name + "\n", what="checkpoint pointer")
+    except (WriteError, OSError) as e:
+        msg = str(e) if isinstance(e, WriteError) else f"cannot write checkpoint {path}: {integrity.cause(e)}"
+        kept = f"{ckdir / LATEST} still names {previous}" if previous else "no checkpoint was committed"
+        raise WriteError(f"{msg}; {kept}") from None
     prune(ckdir, keep_last)
     return path
+
+
+def save_weights(path: Path, weights: dict) -> None:
+    """model.pt: a plain state_dict (torch.load(model.pt) keeps working) with model.manifest.json beside it."""
+    _write_checked(Path(path), weights, "weights", checkpoint=Path(path).name)
 
 
 def prune(ckdir: Path, keep_last: int) -> None:
@@ -94,29 +94,80 @@ def prune(ckdir: Path, keep_last: int) -> None:
     for old in files[:-keep_last]:
         if old.name != marked:
             old.unlink(missing_ok=True)
+            manifest_path(old).unlink(missing_ok=True)
 
 
 def clean_temporaries(run_dir: Path) -> None:
-    """Remove temporary files a killed writer left behind (they never carry a final name)."""
-    for tmp in checkpoint_dir(run_dir).glob(".*.tmp-*"):
+    """Rank 0 under the run directory's lock: remove what a killed writer left behind (temporaries
+    never carry a final name; a manifest whose checkpoint was never renamed into place)."""
+    ckdir = checkpoint_dir(run_dir)
+    mine = [*ckdir.glob(".*.tmp-*")]  # run.dir may hold the user's files too: only the run's own names there
+    for pattern in (".config.yaml.tmp-*", ".model.*.tmp-*", ".metrics.jsonl*.tmp-*"):
+        mine += Path(run_dir).glob(pattern)
+    for tmp in mine:
         tmp.unlink(missing_ok=True)
+    for man in ckdir.glob("step_*.manifest.json"):
+        if not man.with_name(man.name.replace(".manifest.json", ".pt")).exists():
+            man.unlink(missing_ok=True)
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def estimate_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """A checkpoint's tensor bytes: the model's plus the optimizer's state. Before the first step
+    that state does not exist yet: count what the optimizer will keep per parameter (Adam-style
+    betas: two moments; SGD momentum: one buffer)."""
+    weights = tensor_bytes(model.state_dict())
+    state = tensor_bytes(list(optimizer.state.values()))
+    if not state:
+        slots = 2 if "betas" in optimizer.defaults else (1 if optimizer.defaults.get("momentum") else 0)
+        state = slots * sum(tensor_bytes(p) for g in optimizer.param_groups for p in g["params"])
+    return weights + state
 
 
 # --------------------------------------------------------------------------- load
 
 
-def read_latest(ckdir: Path) -> Optional[str]:
+def read_pointer(ckdir: Path) -> tuple[Optional[str], Optional[str]]:
+    """(the checkpoint name `latest` holds, None) or (None, what is wrong with it). Any bytes at all
+    (torn, garbage, not UTF-8) give a reason, never an exception. No file: (None, None)."""
+    path = Path(ckdir) / LATEST
     try:
-        name = (Path(ckdir) / LATEST).read_text().strip()
-    except OSError:
-        return None
-    return name or None
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # no pointer (checkpoints/ being a file is check_checkpoint_room's to say)
+        return None, None
+    except OSError as e:
+        return None, f"is unreadable ({integrity.cause(e)})"
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"is not text ({len(raw)} bytes)"
+    if not POINTER.fullmatch(name):
+        return None, f"does not name a checkpoint ({name[:40]!r})" if name else "is empty"
+    return name, None
+
+
+def read_latest(ckdir: Path) -> Optional[str]:
+    return read_pointer(ckdir)[0]
 
 
 def _torch_load(path: Path):
-    """torch.load with weights_only=True on the CPU; every failure becomes one CheckpointError line."""
+    """Verify against the manifest, then torch.load with weights_only=True on the CPU; every
+    failure becomes one CheckpointError line."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        integrity.verify(path)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint {e}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -152,18 +203,27 @@ def load_weights(path: Path) -> tuple[dict, Optional[dict]]:
     return state, None
 
 
-def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
-    """The newest committed checkpoint that loads; fall back to older ones, saying so.
-    Files newer than `latest` were never committed and are ignored."""
-    ckdir = checkpoint_dir(run_dir)
-    marked = read_latest(ckdir)
+def _candidates(ckdir: Path, warn: Callable[[str], None]) -> tuple[Optional[str], list[Path]]:
+    """(what `latest` names, the checkpoints to try newest first). Files newer than `latest` were
+    never committed and are left out; without a usable `latest` every complete file counts (a
+    file only gets its final name once it is whole, and its manifest catches any later damage)."""
+    marked, problem = read_pointer(ckdir)
     files = sorted(ckdir.glob("step_*.pt"), reverse=True)
-    if marked is None and not files:
-        return None
+    if problem:
+        warn(f"checkpoint pointer {ckdir / LATEST} {problem}; using the newest complete checkpoint instead")
     if marked is not None:
         files = [f for f in files if f.name <= marked]
         if not (ckdir / marked).exists():
             warn(f"checkpoint pointer {ckdir / LATEST} names {marked}, which is missing; trying older checkpoints")
+    return marked, files
+
+
+def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+    """The newest committed checkpoint that loads; fall back to older ones, saying so."""
+    ckdir = checkpoint_dir(run_dir)
+    marked, files = _candidates(ckdir, warn)
+    if marked is None and not files:
+        return None
     problems = []
     for f in files:
         try:
@@ -174,11 +234,23 @@ def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> Optional[tuple
     raise CheckpointError(f"no usable checkpoint in {ckdir} ({len(problems)} tried); use ckpt.resume=never to start fresh")
 
 
-def move_aside(run_dir: Path) -> Optional[Path]:
-    """For ckpt.resume=never: keep old checkpoints (renamed), never delete them."""
+def set_aside_unusable(run_dir: Path, resumed_from: Optional[Path], say: Callable[[str], None]) -> None:
+    """Rank 0, under the lock, after find_resumable fell back: rename the committed checkpoints newer
+    than the one resumed from (those it refused) to `<name>.corrupt-<time>`, with their manifests.
+    Kept for inspection; the rerun will save those steps again under the same names."""
     ckdir = checkpoint_dir(run_dir)
-    if not ckdir.exists() or not any(ckdir.iterdir()):
-        return None
-    target = ckdir.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(ckdir, target)
-    return target
+    if resumed_from is None or Path(resumed_from).parent != ckdir:
+        return
+    marked = read_latest(ckdir)
+    for f in sorted(ckdir.glob("step_*.pt")):
+        if f.name <= Path(resumed_from).name or (marked is not None and f.name > marked):
+            continue
+        try:
+            load(f)
+            continue  # it loads now (it was not refused): leave it
+        except CheckpointError:
+            pass
+        moved = integrity.set_aside(f, "corrupt")
+        integrity.set_aside(manifest_path(f), "corrupt")
+        say(f"kept the unusable checkpoint {f.name} as {moved} (a rerun saves step {int(f.stem[5:])} again)")
+

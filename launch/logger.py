@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
+from launch import integrity
 from launch.errors import UserError
 
 
@@ -40,17 +43,28 @@ class MetricsLog:
             # purge_step drops events a resumed run will redo (as truncate_after does for metrics.jsonl).
             self.tb = tensorboard_writer_class()(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records written after the checkpoint we resume from (they will be redone)."""
+    def truncate_after(self, step: int) -> Optional[str]:
+        """On resume, drop records written after the checkpoint we resume from (they will be redone).
+        Lines that are not a JSON record (the torn end of an append cut short by a kill or a full
+        disk) are kept in a side file, never dropped; the returned line says where."""
         if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+            return None
+        raw = self.path.read_bytes()
+        good, bad = _parse(raw)
+        note = None
+        if bad:
+            side = integrity.aside_name(self.path, "torn")
+            integrity.atomic_write(side, lambda f: f.write(b"".join(line + b"\n" for line in bad)), what="torn lines of")
+            note = (f"{self.path}: {len(bad)} torn line(s) (a write cut short by a kill or a full disk) kept in {side.name}; "
+                    f"continuing with its {len(good)} complete record(s)")
+        keep = b"".join(line + b"\n" for line, rec in good if rec.get("step", 0) <= step)
+        if keep != raw:
+            integrity.atomic_write(self.path, lambda f: f.write(keep), what="metrics log")
+        return note
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append(self.path, (json.dumps(record) + "\n").encode())
         if self.tb is not None:
             for key, value in record.items():
                 if key not in TB_SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -64,11 +78,51 @@ class MetricsLog:
             self.tb.close()
 
 
+def _append(path: Path, line: bytes) -> None:
+    """One record, appended whole or not at all: a failed write (full disk, file size limit) is cut
+    back off, so the next record never continues a torn line. One line naming the file and cause."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise integrity.WriteError(f"cannot append to {path}: {integrity.cause(e)}") from None
+    try:
+        end = os.fstat(fd).st_size
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        try:
+            os.ftruncate(fd, end)
+        except OSError:
+            pass
+        raise integrity.WriteError(f"cannot append to {path}: {integrity.cause(e)}") from None
+    finally:
+        os.close(fd)
+
+
+def _parse(raw: bytes) -> tuple[list[tuple[bytes, dict]], list[bytes]]:
+    """(the lines that are JSON records, with them; the lines that are not)."""
+    good, bad = [], []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            rec = None
+        if isinstance(rec, dict):
+            good.append((line, rec))
+        else:
+            bad.append(line)
+    return good, bad
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a torn line (see MetricsLog.truncate_after) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for _, rec in _parse(path.read_bytes())[0]]
 
 
 def progress_bar(total: int, desc: str, setting: str, enabled: bool):

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from launch import checkpoint, config as config_mod, graph_step, parallel, randomness, rundir, state as state_mod
+from launch import checkpoint, config as config_mod, graph_step, integrity, parallel, randomness, rundir, state as state_mod
 from launch.data.build import build_data
 from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
@@ -84,8 +84,7 @@ class Run:
             done = read_metrics(self.cfg.run_dir)
             record = done[-1] if done else {}
         if self.rt.env.is_main:
-            final = clean_state_dict(self.bare.state_dict())
-            checkpoint.atomic_write(self.cfg.run_dir / "model.pt", lambda f: torch.save(final, f))
+            checkpoint.save_weights(self.cfg.run_dir / "model.pt", clean_state_dict(self.bare.state_dict()))
         return record
 
 
@@ -175,13 +174,15 @@ def total_steps(cfg, per_epoch: Optional[int]) -> int:
 
 
 def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
-    """Rank 0 takes the run directory (one writer at a time), refuses a foreign one, writes
-    config.yaml and tidies up; then the metrics log opens and every rank's table is printed."""
+    """Rank 0 takes the run directory (one writer at a time), refuses a foreign one, makes sure the
+    first save will succeed, writes config.yaml and tidies up; then the metrics log opens and every
+    rank's table is printed."""
     cfg, rt, say = run.cfg, run.rt, run.say
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    if resumed_from is not None and saved.exists():
-        changes = config_mod.differences(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    torn = None
+    if resumed_from is not None:
+        before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
+        changes = config_mod.differences(before, cfg.to_dict())
         if changes:
             raise UserError(
                 f"run directory {run_dir} holds a run with a different config ({'; '.join(changes[:3])}); "
@@ -189,16 +190,13 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
             )
     if rt.env.is_main:
         run.lock = rundir.lock(run_dir)
-        config_mod.save(cfg, saved)
-        if cfg.ckpt.resume == "never":
-            moved = checkpoint.move_aside(run_dir)
-            if moved:
-                say(f"ckpt.resume=never: moved the old checkpoints to {moved}")
-        checkpoint.clean_temporaries(run_dir)
+        _prepare_run_dir(run, resumed_from, torn)
     save_barrier(rt)  # nobody reads the run directory while rank 0 rearranges it
     resumed = resumed_from is not None
     run.metrics = MetricsLog(run_dir, rt.env.is_main, cfg.log.tensorboard, purge_step=run.state.step + 1 if resumed else 0)
-    run.metrics.truncate_after(run.state.step if resumed else -1)
+    torn_lines = run.metrics.truncate_after(run.state.step if resumed else -1)
+    if torn_lines:
+        say(torn_lines)
     for line in rank_table(rt):  # every rank's launcher, host and device, printed by rank 0
         say(line)
     if resumed:
@@ -210,6 +208,43 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
             )
     if rt.env.restart_count:
         say(f"torchrun restart {rt.env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
+
+
+def _saved_config(saved, resumed_from, ckpt) -> tuple[dict, Optional[str]]:
+    """The config the run directory was written with, and what is wrong with config.yaml if it is
+    torn (a write cut short) or garbage: then the config inside the run's own checkpoint stands in."""
+    if not saved.exists():
+        return {}, None
+    try:
+        raw = saved.read_bytes()
+        body = yaml.safe_load(raw)
+        problem = None if isinstance(body, dict) and raw.endswith(b"\n") else "incomplete"
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
+        problem = " ".join(str(e).split())[:80] or type(e).__name__
+    if problem is None:
+        return body, None
+    own = resumed_from.parent == checkpoint.checkpoint_dir(saved.parent) and isinstance(ckpt.get("config"), dict)
+    return (ckpt["config"] if own else {}), problem
+
+
+def _prepare_run_dir(run: Run, resumed_from, torn: Optional[str]) -> None:
+    """Rank 0 under the lock: move aside what must not be overwritten or used, check that the first
+    save will succeed (before step 1, not hours later), then write config.yaml."""
+    cfg, say, run_dir = run.cfg, run.say, run.cfg.run_dir
+    if cfg.ckpt.resume == "never":
+        moved = rundir.move_previous_run(run_dir)
+        if moved:
+            say(f"ckpt.resume=never: moved the previous run's files to {moved}")
+    else:
+        if torn:
+            kept = integrity.set_aside(run_dir / "config.yaml", "torn")
+            own = resumed_from.parent == checkpoint.checkpoint_dir(run_dir)
+            compared = f"compared this run with the config inside {resumed_from.name}" if own else "nothing to compare this run with"
+            say(f"{run_dir / 'config.yaml'} was torn ({torn}); kept it as {kept.name}; {compared}")
+        checkpoint.set_aside_unusable(run_dir, resumed_from, say)
+    checkpoint.clean_temporaries(run_dir)
+    rundir.check_checkpoint_room(checkpoint.checkpoint_dir(run_dir), checkpoint.estimate_bytes(run.bare, run.parts.optimizer))
+    config_mod.save(cfg, run_dir / "config.yaml")
 
 
 def _compile(cfg, module: nn.Module) -> nn.Module:

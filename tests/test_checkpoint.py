@@ -217,12 +217,12 @@ def test_foreign_run_directory_is_refused_and_never_overwritten(reference, tmp_p
     assert "holds a run with a different config (train.lr: 0.1 -> 0.3)" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
-    # told to start fresh: the old checkpoints are moved aside, never deleted
+    # told to start fresh: the previous run is moved aside as a whole, never deleted (tests/test_integrity.py checks every file)
     fresh = single(tmp_path / "run", "train.epochs=1", "train.lr=0.3", "ckpt.resume=never")
     assert fresh.returncode == 0, output(fresh)
     assert "resumed from" not in fresh.stdout
-    moved = list((tmp_path / "run").glob("checkpoints.old-*"))
-    assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == before
+    moved = list((tmp_path / "run").glob("previous-*"))
+    assert len(moved) == 1 and sorted(p.name for p in (moved[0] / "checkpoints").iterdir()) == before
 
 
 def test_a_checkpoint_written_before_the_restructure_resumes_after_it(tmp_path):

@@ -20,6 +20,7 @@ from launch.config.fields import Config
 from launch.config.validate import validate
 from launch.config.yaml_loader import MAX_CONFIG_BYTES, yaml_text as _yaml
 from launch.errors import UserError
+from launch.integrity import atomic_write_text
 
 
 def _type_name(tp) -> str:
@@ -192,10 +193,9 @@ def from_dict(tree: dict) -> Config:
 
 
 def save(cfg: Config, path: Path) -> None:
-    """Write the resolved config (atomically, so a kill never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved config atomically (temporary name, fsync, rename): a kill or a full disk
+    never leaves half a file; a failed write is one line naming it."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), what="config")
 
 
 # Keys that may change between a run and its resumption without making it a different run.
