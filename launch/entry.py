@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from launch import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
-from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_STOPPED, EXIT_USAGE, UserError, fail
+from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_PEER_FAILED, EXIT_STOPPED, EXIT_USAGE, UserError, fail
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,7 +111,7 @@ def run_worker(cfg) -> int:
             code = 0
             e = Stopped(f"{e} (exit 0 under torchrun, which restarts failed workers; {cfg.run_dir / 'STOPPED'} records the stop)", code)
         if env.is_main:
-            print(("error: " if e.code == EXIT_NONFINITE else "") + str(e), file=sys.stderr, flush=True)
+            print(("" if e.code in (EXIT_STOPPED, 0) else "error: ") + str(e), file=sys.stderr, flush=True)
         if rt is not None:
             dist_mod.teardown(rt)
         return code

@@ -38,6 +38,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, purge_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.guard = None  # rank 0: False once the run directory was replaced (launch.rundir.RunLock.still_ours)
         self.tb = None
         if enabled and tensorboard:
             # purge_step drops events a resumed run will redo (as truncate_after does for metrics.jsonl).
@@ -63,6 +64,8 @@ class MetricsLog:
         return note
 
     def write(self, record: dict) -> None:
+        if self.guard is not None and not self.guard():
+            return  # the run directory was replaced: the next agreement stops the job
         if self.enabled:
             _append(self.path, (json.dumps(record) + "\n").encode())
         if self.tb is not None:

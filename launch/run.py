@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from launch import checkpoint, config as config_mod, graph_step, integrity, parallel, randomness, rundir, state as state_mod
+from launch import changes, checkpoint, config as config_mod, graph_step, integrity, parallel, randomness, rundir, state as state_mod
 from launch.data.build import build_data
 from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
@@ -28,7 +28,7 @@ from launch.profiling import make_profiler
 from launch.resources import GradNormProbe, ResourceMeter
 from launch.state import TrainState, Trainables
 from launch.step import TrainingModule, TrainStep
-from launch.stopping import STOPPED, StopRequest
+from launch.stopping import STOPPED, StopRequest, lost_run_dir
 from launch.task import Task
 
 
@@ -74,7 +74,12 @@ class Run:
         """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the partial epoch."""
         stall = self.faults.save_stall(self.state.step)
         self.state.stream_state = getattr(self.train_feed, "state", None)
-        state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say)
+        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, lost=self.dir_lost()):
+            raise lost_run_dir(self.cfg.run_dir)
+
+    def dir_lost(self) -> bool:
+        """Rank 0: the run directory was removed or replaced under this job (launch.rundir.RunLock)."""
+        return self.lock is not None and not self.lock.still_ours()
 
     def finish(self, record: dict) -> dict:
         """After the last epoch: the final weights, prefix-free, as model.pt."""
@@ -84,6 +89,8 @@ class Run:
             done = read_metrics(self.cfg.run_dir)
             record = done[-1] if done else {}
         if self.rt.env.is_main:
+            if self.dir_lost():
+                raise lost_run_dir(self.cfg.run_dir)
             checkpoint.save_weights(self.cfg.run_dir / "model.pt", clean_state_dict(self.bare.state_dict()))
         return record
 
@@ -179,21 +186,28 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
     rank's table is printed."""
     cfg, rt, say = run.cfg, run.rt, run.say
     run_dir = cfg.run_dir
-    torn = None
+    torn, changed = None, []
     if resumed_from is not None:
         before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
-        changes = config_mod.differences(before, cfg.to_dict())
-        if changes:
+        changed, refused = changes.review(changes.saved_config(ckpt, before), cfg.to_dict())
+        if refused:
+            where = f"run directory {run_dir} holds" if resumed_from.parent == checkpoint.checkpoint_dir(run_dir) else f"checkpoint {resumed_from} holds"
             raise UserError(
-                f"run directory {run_dir} holds a run with a different config ({'; '.join(changes[:3])}); "
+                f"{where} a run with a different config ({'; '.join(refused[:3])}): these settings define the run; "
                 "use another run.dir, or ckpt.resume=never to start fresh there"
             )
+        for line in changes.apply(changed, run.parts.optimizer, run.parts.scheduler, cfg, run.state.step):
+            say(line)
     if rt.env.is_main:
         run.lock = rundir.lock(run_dir)
+        if changed:
+            changes.keep_history(run_dir / "config.yaml", run.state.step)
         _prepare_run_dir(run, resumed_from, torn)
     save_barrier(rt)  # nobody reads the run directory while rank 0 rearranges it
     resumed = resumed_from is not None
     run.metrics = MetricsLog(run_dir, rt.env.is_main, cfg.log.tensorboard, purge_step=run.state.step + 1 if resumed else 0)
+    if run.lock is not None:  # a replaced run directory gets nothing more from this job (agreements stop it)
+        run.metrics.guard = run.stop.guard = run.lock.still_ours
     torn_lines = run.metrics.truncate_after(run.state.step if resumed else -1)
     if torn_lines:
         say(torn_lines)

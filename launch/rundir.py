@@ -91,8 +91,21 @@ def _why_unwritable(path: Path) -> str:
 class RunLock:
     """Holds the run directory's lock until `release()` or the end of the process."""
 
-    def __init__(self, fd: Optional[int] = None):
-        self.fd = fd
+    def __init__(self, fd: Optional[int] = None, path: Optional[Path] = None):
+        self.fd, self.path = fd, path
+
+    def still_ours(self) -> bool:
+        """False once the run directory was removed or replaced under this job: its lock file is gone,
+        or the path now names another file (`rm -rf` and a new job there). The lock only guards the
+        file it was taken on, so without this check the old job would write into the new directory."""
+        if self.fd is None:  # no lock (flock unsupported): nothing to compare
+            return True
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -135,7 +148,7 @@ def lock(run_dir: Path) -> RunLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
     _held_fds.add(fd)
-    return RunLock(fd)
+    return RunLock(fd, path)
 
 
 # --------------------------------------------------------------------------- before the first step

@@ -119,13 +119,18 @@ def choose_resume(cfg, say: Callable[[str], None]) -> tuple[Optional[Path], Opti
     return None, None
 
 
-def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print) -> None:
+def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False) -> bool:
     """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
-    so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits."""
-    all_reduce_sum(totals, rt)
+    so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits.
+    `lost` (rank 0: the run directory was replaced) rides on the same all-reduce: then nobody writes
+    and every rank returns False."""
+    totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([float(lost)])]), rt)
+    if totals[2] > 0:
+        return False
     rngs = gather_to_main(randomness.state(), rt)
     if rt.env.is_main:
         at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
         path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
         say(f"saved {path}")
     save_barrier(rt)
+    return True

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from launch.dist import Runtime, all_reduce_sum
-from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
+from launch.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE
 
 
 class Stopped(Exception):
@@ -40,6 +40,7 @@ class StopRequest:
         self.first_at = 0.0
         self.stop_file = stop_file
         self.agreed = ""  # the causes every rank agreed on, for the stop's line
+        self.guard = None  # rank 0: RunLock.still_ours, False once the run directory was replaced
 
     def install(self) -> dict:
         """Install the handlers; return the previous ones (restored when training returns)."""
@@ -80,20 +81,36 @@ def agree(stop: StopRequest, loss_sum: torch.Tensor, rt: Runtime) -> tuple[bool,
     """All ranks learn whether anyone wants to stop (and why) and whether anyone's loss went
     non-finite. Flags are built on the device and read back once (one host sync). Alone, there is
     nobody to agree with: one read of the sum is the whole check."""
+    lost = stop.guard is not None and not stop.guard()
     if rt.env.world_size == 1:
+        if lost:
+            raise lost_run_dir(stop.stop_file.parent)
         return stop.requested(), not math.isfinite(loss_sum.item())
-    flags = torch.cat([(~torch.isfinite(loss_sum)).to(loss_sum.dtype).reshape(1), loss_sum.new_tensor(stop.causes())])
+    flags = torch.cat([(~torch.isfinite(loss_sum)).to(loss_sum.dtype).reshape(1), loss_sum.new_tensor([float(lost), *stop.causes()])])
     all_reduce_sum(flags, rt)
-    nonfinite, *counts = flags.tolist()
+    nonfinite, gone, *counts = flags.tolist()
+    if gone:
+        raise lost_run_dir(stop.stop_file.parent)
     if any(counts):
         stop.agree_on(counts, rt.env.world_size)
     return any(counts), nonfinite > 0
 
 
+def lost_run_dir(run_dir: Path) -> Stopped:
+    """The run directory was removed or replaced under the job: stop without writing anything into the
+    directory now at that path (another job's, maybe). All ranks raise it at the same agreement."""
+    return Stopped(
+        f"run directory {run_dir} was removed or replaced while this job ran (its .lock is gone or another file): "
+        "stopped without writing into it; rerun the job in a run directory of its own",
+        EXIT_USAGE,
+    )
+
+
 def nonfinite(cfg, step: int, epoch: int) -> Stopped:
     return Stopped(
         f"non-finite loss (NaN/inf) detected at step {step} (epoch {epoch}; checked every "
-        f"{cfg.train.check_every_steps} steps); no checkpoint written after it, the last good one is kept",
+        f"{cfg.train.check_every_steps} steps); no checkpoint written after it, the last good one is kept: lower train.lr "
+        "(or check the data) and rerun, which resumes from it with the new value",
         EXIT_NONFINITE,
     )
 

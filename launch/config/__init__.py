@@ -5,7 +5,7 @@ same dotted names (`train.lr=0.05`).
 """
 
 from launch.config.fields import Config
-from launch.config.parse import differences, from_dict, load, read_yaml, save
+from launch.config.parse import from_dict, load, read_yaml, save
 from launch.config.reference import field_docs, reference, reference_markdown
 
-__all__ = ["Config", "differences", "field_docs", "from_dict", "load", "read_yaml", "reference", "reference_markdown", "save"]
+__all__ = ["Config", "field_docs", "from_dict", "load", "read_yaml", "reference", "reference_markdown", "save"]

@@ -196,24 +196,3 @@ def save(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temporary name, fsync, rename): a kill or a full disk
     never leaves half a file; a failed write is one line naming it."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), what="config")
-
-
-# Keys that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = (
-    "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.max_steps", "train.device", "train.check_every_steps", "train.cuda_graphs",
-    "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.path",
-)
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    """Settings that differ between two config dicts, ignoring those a resume may change."""
-    out = []
-    for section, body in new.items():
-        for key, value in body.items():
-            name = f"{section}.{key}"
-            if any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUMABLE_CHANGES):
-                continue
-            before = old.get(section, {}).get(key, value)
-            if before != value:
-                out.append(f"{name}: {before!r} -> {value!r}")
-    return out

@@ -1,0 +1,96 @@
+"""Issue 17: changing settings on a resume (applied and named, or refused as another run), and a run
+directory removed or replaced under a live job."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from launch import checkpoint, config
+from launch.dist import DistEnv, setup
+from launch.errors import EXIT_NONFINITE, UserError
+from launch.logger import read_metrics
+from launch.loop import train
+from tests.helpers import PY, ROOT, SMALL, env, output, spawn
+from tests.test_failures import wait_for_step
+
+
+def train_inproc(run_dir, *overrides):
+    cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", *overrides])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train(cfg, setup(cfg, DistEnv("plain")))
+    return result, out.getvalue()
+
+
+def final_state(run_dir) -> dict:
+    ckdir = checkpoint.checkpoint_dir(run_dir)
+    return checkpoint.load(ckdir / checkpoint.read_latest(ckdir))
+
+
+def test_after_a_nan_a_lower_lr_resumes_from_the_last_good_checkpoint_and_is_used(tmp_path):
+    """The exit-3 advice, followed: lower the LR and rerun."""
+    p = spawn(2, tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", LAUNCH_FAULT="nan:step=6")
+    assert p.returncode == EXIT_NONFINITE and "lower train.lr" in p.stderr, output(p)
+    again = spawn(2, tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", "train.lr=0.05")
+    assert again.returncode == 0, output(again)
+    assert "resumed from" in again.stdout and "(epoch 0, step 4)" in again.stdout, output(again)
+    assert "changed on resume at step 4: train.lr 0.1 -> 0.05" in again.stdout
+    assert "the learning rate at step 4 is now 0.05 (was 0.1)" in again.stdout
+    state = final_state(tmp_path)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.05] and state["config"]["train"]["lr"] == 0.05
+    assert all(r["lr"] == 0.05 for r in read_metrics(tmp_path))
+    kept = list((tmp_path / "config-history").glob("config.before-step_00000004.yaml"))
+    assert len(kept) == 1 and "lr: 0.1" in kept[0].read_text()
+
+
+def test_a_checkpoint_path_with_a_new_lr_trains_with_the_new_lr(tmp_path):
+    train_inproc(tmp_path / "a", "train.epochs=1")
+    start = tmp_path / "a" / "checkpoints" / checkpoint.read_latest(tmp_path / "a" / "checkpoints")
+    _, out = train_inproc(tmp_path / "b", f"ckpt.resume={start}", "train.lr=0.01", "train.epochs=2")
+    assert "changed on resume at step 24: train.lr 0.1 -> 0.01" in out, out
+    state = final_state(tmp_path / "b")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.01]
+    assert read_metrics(tmp_path / "b")[-1]["lr"] == 0.01
+
+
+def test_extending_a_cosine_schedule_says_what_it_does_to_the_lr(tmp_path):
+    train_inproc(tmp_path, "train.epochs=1", "train.schedule=cosine")
+    _, out = train_inproc(tmp_path, "train.epochs=2", "train.schedule=cosine")
+    assert "changed on resume at step 24: train.epochs 1 -> 2" in out
+    assert "the learning rate at step 24 is now 0.05 (was 0)" in out, out
+
+
+def test_settings_that_define_the_run_are_refused_naming_them(tmp_path):
+    train_inproc(tmp_path, "train.epochs=1")
+    before = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir())
+    with pytest.raises(UserError) as e:
+        train_inproc(tmp_path, "train.epochs=2", "train.seed=7", "train.lr=0.3")
+    assert "train.seed: 0 -> 7" in str(e.value) and "train.lr" not in str(e.value) and "define the run" in str(e.value)
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == before
+
+
+def test_a_run_directory_replaced_under_a_live_job_stops_it_and_the_new_job_is_alone(tmp_path):
+    """rm -rf of A's run directory and a job B with another LR started there: A stops at its next
+    agreement with one line and writes nothing more; B starts fresh and everything there is B's."""
+    run_dir = tmp_path / "run"
+    long = [*SMALL, "data.n_train=20000", "train.epochs=50", "train.check_every_steps=5", "log.every_steps=5"]
+    a = subprocess.Popen([PY, "train_single.py", *long, f"run.dir={run_dir}"], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run_dir, a)
+        shutil.rmtree(run_dir)
+        b = subprocess.run([PY, "train_single.py", *SMALL, f"run.dir={run_dir}", "train.lr=0.05", "train.epochs=1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        _, err = a.communicate(timeout=120)
+    finally:
+        a.kill()
+    assert a.returncode == 2 and "was removed or replaced while this job ran" in err and len(err.strip().splitlines()) == 1, err
+    assert b.returncode == 0 and "resumed from" not in b.stdout, b.stdout + b.stderr
+    records = read_metrics(run_dir)
+    assert records and all(r["lr"] == 0.05 for r in records)
+    for f in checkpoint.checkpoint_dir(run_dir).glob("step_*.pt"):
+        assert checkpoint.load(f)["config"]["train"]["lr"] == 0.05
