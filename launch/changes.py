@@ -29,6 +29,7 @@ APPLIED = (
     "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip",
     "train.schedule", "train.warmup_steps", "train.step_every", "train.gamma", "train.min_lr_ratio",
 )
+QUIET = ("run.", "ckpt.resume")  # where the run lives and how it started: no news on a rerun
 HISTORY = "config-history"
 
 
@@ -36,9 +37,10 @@ def _matches(name: str, keys) -> bool:
     return any(name == k or (k.endswith(".") and name.startswith(k)) for k in keys)
 
 
-def review(old: dict, new: dict) -> tuple[list[tuple[str, object, object]], list[str]]:
+def review(old: dict, new: dict, same_global_batch: bool = False) -> tuple[list[tuple[str, object, object]], list[str]]:
     """(allowed changes as (name, before, after), refused changes as 'name: a -> b'). A setting the old
-    config does not know (added since) is not a change."""
+    config does not know (added since) is not a change. `data.batch_size` may change with the world
+    size when the global batch stays the same (3 x 16 after 2 x 24): the same run, resharded."""
     allowed, refused = [], []
     for section, body in new.items():
         for key, value in body.items():
@@ -46,7 +48,7 @@ def review(old: dict, new: dict) -> tuple[list[tuple[str, object, object]], list
             before = (old.get(section) or {}).get(key, value)
             if before == value:
                 continue
-            if _matches(name, AS_GIVEN) or _matches(name, APPLIED):
+            if _matches(name, AS_GIVEN) or _matches(name, APPLIED) or (name == "data.batch_size" and same_global_batch):
                 allowed.append((name, before, value))
             else:
                 refused.append(f"{name}: {before!r} -> {value!r}")
@@ -58,7 +60,7 @@ def apply(changes: list, optimizer, scheduler, cfg, step: int) -> list[str]:
     for the LR at this step if it moved (a longer cosine schedule raises it again: said, not hidden)."""
     if not changes:
         return []
-    lines = [f"changed on resume at step {step}: {name} {before!r} -> {after!r}" for name, before, after in changes]
+    lines = [f"changed on resume at step {step}: {name} {before!r} -> {after!r}" for name, before, after in changes if not _matches(name, QUIET)]
     if any(_matches(name, APPLIED) or name in ("train.epochs", "train.max_steps") for name, _, _ in changes):
         t = cfg.train
         was = [float(g["lr"]) for g in optimizer.param_groups]

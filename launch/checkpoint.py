@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,8 +30,9 @@ from launch.errors import UserError
 from launch.integrity import WriteError, atomic_write, atomic_write_text, manifest_path
 
 FORMAT = "launch-checkpoint/1"
+SHARDED_STATE = "state.pt"  # inside a sharded checkpoint's directory: everything but the shards
 LATEST = "latest"
-POINTER = re.compile(r"step_\d{8}\.pt")
+POINTER = re.compile(r"step_\d{8}\.(pt|dcp)")  # a file, or a sharded checkpoint's directory (launch.parallel.dcp)
 
 
 class CheckpointError(UserError):
@@ -74,11 +76,25 @@ def save(state: dict, run_dir: Path, step: int, keep_last: int, before_rename: O
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
         _write_checked(path, {"format": FORMAT, **state}, "checkpoint", before_rename, checkpoint=path.name, step=step)
+    except (WriteError, OSError) as e:
+        raise _not_committed(e, path, ckdir, previous) from None
+    return commit(path, keep_last, previous)
+
+
+def _not_committed(e: BaseException, path: Path, ckdir: Path, previous: Optional[str]) -> WriteError:
+    msg = str(e) if isinstance(e, WriteError) else f"cannot write checkpoint {path}: {integrity.cause(e)}"
+    kept = f"{ckdir / LATEST} still names {previous}" if previous else "no checkpoint was committed"
+    return WriteError(f"{msg}; {kept}")
+
+
+def commit(path: Path, keep_last: int, previous: Optional[str]) -> Path:
+    """Rank 0, once `path` (a file or a sharded directory) and its manifest are in place: move the
+    `latest` marker to it, then prune."""
+    ckdir = path.parent
+    try:
         atomic_write_text(ckdir / LATEST, path.name + "\n", what="checkpoint pointer")
     except (WriteError, OSError) as e:
-        msg = str(e) if isinstance(e, WriteError) else f"cannot write checkpoint {path}: {integrity.cause(e)}"
-        kept = f"{ckdir / LATEST} still names {previous}" if previous else "no checkpoint was committed"
-        raise WriteError(f"{msg}; {kept}") from None
+        raise _not_committed(e, path, ckdir, previous) from None
     prune(ckdir, keep_last)
     return path
 
@@ -88,12 +104,16 @@ def save_weights(path: Path, weights: dict) -> None:
     _write_checked(Path(path), weights, "weights", checkpoint=Path(path).name)
 
 
+def committed(ckdir: Path) -> list[Path]:
+    """Every checkpoint under a final name, files and sharded directories, oldest first."""
+    return sorted([*ckdir.glob("step_*.pt"), *(d for d in ckdir.glob("step_*.dcp") if d.is_dir())], key=lambda p: p.name)
+
+
 def prune(ckdir: Path, keep_last: int) -> None:
     marked = read_latest(ckdir)
-    files = sorted(ckdir.glob("step_*.pt"))
-    for old in files[:-keep_last]:
+    for old in committed(ckdir)[:-keep_last]:
         if old.name != marked:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
             manifest_path(old).unlink(missing_ok=True)
 
 
@@ -101,13 +121,16 @@ def clean_temporaries(run_dir: Path) -> None:
     """Rank 0 under the run directory's lock: remove what a killed writer left behind (temporaries
     never carry a final name; a manifest whose checkpoint was never renamed into place)."""
     ckdir = checkpoint_dir(run_dir)
+    for half in ckdir.glob(".step_*.dcp.tmp"):  # a sharded checkpoint a killed job never committed
+        shutil.rmtree(half, ignore_errors=True)
     mine = [*ckdir.glob(".*.tmp-*")]  # run.dir may hold the user's files too: only the run's own names there
     for pattern in (".config.yaml.tmp-*", ".model.*.tmp-*", ".metrics.jsonl*.tmp-*"):
         mine += Path(run_dir).glob(pattern)
     for tmp in mine:
         tmp.unlink(missing_ok=True)
     for man in ckdir.glob("step_*.manifest.json"):
-        if not man.with_name(man.name.replace(".manifest.json", ".pt")).exists():
+        stem = man.name.replace(".manifest.json", "")
+        if not (ckdir / f"{stem}.pt").exists() and not (ckdir / f"{stem}.dcp").exists():
             man.unlink(missing_ok=True)
 
 
@@ -184,9 +207,10 @@ def _torch_load(path: Path):
 
 
 def load(path: Path) -> dict:
-    """Load one full checkpoint on the CPU (map_location: rank r never touches cuda:0), or raise CheckpointError."""
+    """Load one full checkpoint on the CPU (map_location: rank r never touches cuda:0), or raise CheckpointError.
+    For a sharded checkpoint (a directory) that is its state.pt; the shards are read by the strategy."""
     path = Path(path)
-    state = _torch_load(path)
+    state = _torch_load(path / SHARDED_STATE if path.is_dir() else path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a launch checkpoint (no '{FORMAT}' format marker)")
     return state
@@ -208,7 +232,7 @@ def _candidates(ckdir: Path, warn: Callable[[str], None]) -> tuple[Optional[str]
     never committed and are left out; without a usable `latest` every complete file counts (a
     file only gets its final name once it is whole, and its manifest catches any later damage)."""
     marked, problem = read_pointer(ckdir)
-    files = sorted(ckdir.glob("step_*.pt"), reverse=True)
+    files = committed(ckdir)[::-1]
     if problem:
         warn(f"checkpoint pointer {ckdir / LATEST} {problem}; using the newest complete checkpoint instead")
     if marked is not None:
@@ -218,8 +242,9 @@ def _candidates(ckdir: Path, warn: Callable[[str], None]) -> tuple[Optional[str]
     return marked, files
 
 
-def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
-    """The newest committed checkpoint that loads; fall back to older ones, saying so."""
+def find_resumable(run_dir: Path, warn: Callable[[str], None], verify_dir: Optional[Callable] = None) -> Optional[tuple[Path, dict]]:
+    """The newest committed checkpoint that loads; fall back to older ones, saying so. A sharded
+    checkpoint's shards are checked by `verify_dir(path)`, collectively (every rank calls this alike)."""
     ckdir = checkpoint_dir(run_dir)
     marked, files = _candidates(ckdir, warn)
     if marked is None and not files:
@@ -227,7 +252,10 @@ def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> Optional[tuple
     problems = []
     for f in files:
         try:
-            return f, load(f)
+            state = load(f)
+            if f.is_dir():
+                (verify_dir or _verify_here)(f)
+            return f, state
         except CheckpointError as e:
             problems.append(str(e))
             warn(f"{e}; falling back to the previous checkpoint")
@@ -242,11 +270,13 @@ def set_aside_unusable(run_dir: Path, resumed_from: Optional[Path], say: Callabl
     if resumed_from is None or Path(resumed_from).parent != ckdir:
         return
     marked = read_latest(ckdir)
-    for f in sorted(ckdir.glob("step_*.pt")):
+    for f in committed(ckdir):
         if f.name <= Path(resumed_from).name or (marked is not None and f.name > marked):
             continue
         try:
             load(f)
+            if f.is_dir():
+                _verify_here(f)
             continue  # it loads now (it was not refused): leave it
         except CheckpointError:
             pass
@@ -254,3 +284,11 @@ def set_aside_unusable(run_dir: Path, resumed_from: Optional[Path], say: Callabl
         integrity.set_aside(manifest_path(f), "corrupt")
         say(f"kept the unusable checkpoint {f.name} as {moved} (a rerun saves step {int(f.stem[5:])} again)")
 
+
+def _verify_here(path: Path) -> None:
+    """A sharded checkpoint verified by this process alone (every file's sha256)."""
+    try:
+        if not integrity.verify(path):
+            raise CheckpointError(f"checkpoint {path}: no manifest (a sharded checkpoint that was never committed)")
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint {e}") from None

@@ -110,7 +110,7 @@ def finish_epoch(run: Run, tally: LossTally, seen: int, save_at_end: bool, compl
     epoch_time = time.perf_counter() - run.epoch_started
     record = {"epoch": epoch, "step": s.step, "train_loss": float(totals[0] / totals[1])}
     run.strategy.before_eval(run.bare)
-    record.update(evaluate(run.bare, run.task, run.eval_feed, rt, cfg))
+    record.update(evaluate(run.bare, run.task, run.eval_feed, rt, cfg, run.strategy.lockstep_forward))
     record.update(
         samples_per_s=float(totals[2]) / max(epoch_time, 1e-9),
         elapsed_s=time.perf_counter() - run.started,

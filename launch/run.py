@@ -22,7 +22,7 @@ from launch.dist import Runtime, print0, rank_table, save_barrier
 from launch.errors import UserError
 from launch.faults import Faults
 from launch.logger import MetricsLog, read_metrics, tensorboard_writer_class
-from launch.model import build_model, clean_state_dict
+from launch.model import build_model
 from launch.optim import make_optimizer, make_scaler, make_scheduler
 from launch.profiling import make_profiler
 from launch.resources import GradNormProbe, ResourceMeter
@@ -74,7 +74,7 @@ class Run:
         """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the partial epoch."""
         stall = self.faults.save_stall(self.state.step)
         self.state.stream_state = getattr(self.train_feed, "state", None)
-        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, lost=self.dir_lost()):
+        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, self.dir_lost(), self.strategy):
             raise lost_run_dir(self.cfg.run_dir)
 
     def dir_lost(self) -> bool:
@@ -88,10 +88,11 @@ class Run:
             self.say(f"nothing to do: the run in {self.cfg.run_dir} is already complete at step {self.state.step} (ckpt.resume=never starts fresh)")
             done = read_metrics(self.cfg.run_dir)
             record = done[-1] if done else {}
+        weights = self.strategy.full_weights(self.bare)  # collective for a sharded model
         if self.rt.env.is_main:
             if self.dir_lost():
                 raise lost_run_dir(self.cfg.run_dir)
-            checkpoint.save_weights(self.cfg.run_dir / "model.pt", clean_state_dict(self.bare.state_dict()))
+            checkpoint.save_weights(self.cfg.run_dir / "model.pt", weights)
         return record
 
 
@@ -108,10 +109,10 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     graphs, graph_note = graph_step.decide(cfg, rt, feeds[0].in_memory, sum(p.numel() for p in bare.parameters()))
     optimizer = make_optimizer(cfg, bare.parameters(), capturable=graphs and rt.device.type == "cuda")
     parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, total_steps(cfg, per_epoch)), make_scaler(cfg, rt.device))
-    resumed_from, ckpt = state_mod.choose_resume(cfg, say)
+    resumed_from, ckpt = state_mod.choose_resume(cfg, say, strategy.verify_dir)
     state = TrainState()
     if resumed_from is not None:
-        state = state_mod.restore(ckpt, resumed_from, parts, rt.env.rank, rt.env.world_size, cfg.train.seed)
+        state = state_mod.restore(ckpt, resumed_from, parts, rt.env.rank, rt.env.world_size, cfg.train.seed, strategy, rt)
         feeds[0].state = state.stream_state
     run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch, strategy)
     try:
@@ -137,7 +138,8 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
     if graph_note:
         say(graph_note)
     run.resources = ResourceMeter(rt)
-    if cfg.log.tensorboard and rt.env.is_main and run.steps_per_epoch:  # the norm at each epoch's last optimizer step, for TensorBoard
+    # the norm at each epoch's last optimizer step, for TensorBoard (rank 0 alone: whole gradients only)
+    if cfg.log.tensorboard and rt.env.is_main and run.steps_per_epoch and not run.strategy.lockstep_forward:
         first_end = state.step + run.train_feed.steps_left(state.samples_in_epoch, cfg.train.accum_steps)
         run.grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: run.state.step, first_end)
     run.profiler = make_profiler(cfg, rt.env.rank, rt.device, say)
@@ -189,7 +191,8 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
     torn, changed = None, []
     if resumed_from is not None:
         before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
-        changed, refused = changes.review(changes.saved_config(ckpt, before), cfg.to_dict())
+        same_global = ckpt.get("batch_size", 0) * ckpt.get("world_size", 0) == cfg.data.batch_size * rt.env.world_size
+        changed, refused = changes.review(changes.saved_config(ckpt, before), cfg.to_dict(), same_global)
         if refused:
             where = f"run directory {run_dir} holds" if resumed_from.parent == checkpoint.checkpoint_dir(run_dir) else f"checkpoint {resumed_from} holds"
             raise UserError(

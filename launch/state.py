@@ -50,10 +50,11 @@ def optimizer_state(optimizer) -> dict:
     return sd
 
 
-def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict, rngs: Optional[list] = None) -> dict:
+def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict, rngs: Optional[list] = None, tensors: bool = True) -> dict:
+    """The checkpoint's contents; without `tensors` (a sharded checkpoint: the shards hold them) no
+    model and no optimizer state."""
     return {
-        "model": clean_state_dict(t.model.state_dict()),
-        "optimizer": optimizer_state(t.optimizer),
+        **({"model": clean_state_dict(t.model.state_dict()), "optimizer": optimizer_state(t.optimizer)} if tensors else {}),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "epoch": s.epoch,
@@ -72,13 +73,23 @@ def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict
     }
 
 
-def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int) -> TrainState:
+def load_full(ckpt: dict, origin: Path, t: Trainables) -> None:
+    """Model and optimizer from a full checkpoint (one file, every tensor in it)."""
     try:
         t.model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit this model ({detail[:300]})") from None
     t.optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int, strategy=None, rt=None) -> TrainState:
+    """Everything a checkpoint holds back into the run: the tensors through the strategy (which
+    knows whether they are whole or sharded, here or in the file), the rest here."""
+    if strategy is None:
+        load_full(ckpt, origin, t)
+    else:
+        strategy.load_state(t, ckpt, origin, rt)
     if ckpt.get("scheduler") is not None:
         t.scheduler.load_state_dict(ckpt["scheduler"])
     if t.scaler is not None and ckpt.get("scaler"):
@@ -103,23 +114,28 @@ def restore_rng(ckpt: dict, rank: int, world_size: int, seed: int) -> None:
         randomness.seed_rank(randomness.mix(seed, ckpt["step"]), rank)
 
 
-def choose_resume(cfg, say: Callable[[str], None]) -> tuple[Optional[Path], Optional[dict]]:
+def choose_resume(cfg, say: Callable[[str], None], verify_dir: Optional[Callable] = None) -> tuple[Optional[Path], Optional[dict]]:
     """ckpt.resume: 'auto' takes the run directory's newest good checkpoint; a path starts a run
     from that file, but once the run has checkpoints of its own, restarts continue from those.
-    Every rank reads the same files (read-only) and reaches the same decision."""
+    Every rank reads the same files (read-only) and reaches the same decision (a sharded
+    checkpoint's shards are verified by `verify_dir`, collectively)."""
     if cfg.ckpt.resume == "never":
         return None, None
-    found = checkpoint.find_resumable(cfg.run_dir, say)
+    found = checkpoint.find_resumable(cfg.run_dir, say, verify_dir)
     if found:
         if cfg.ckpt.resume != "auto":
             say(f"note: {cfg.run_dir} has its own checkpoints; resuming from them, not from ckpt.resume={cfg.ckpt.resume}")
         return found
     if cfg.ckpt.resume != "auto":
-        return Path(cfg.ckpt.resume), checkpoint.load(Path(cfg.ckpt.resume))
+        path = Path(cfg.ckpt.resume)
+        state = checkpoint.load(path)
+        if path.is_dir():
+            (verify_dir or checkpoint._verify_here)(path)
+        return path, state
     return None, None
 
 
-def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False) -> bool:
+def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False, strategy=None) -> bool:
     """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
     so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits.
     `lost` (rank 0: the run directory was replaced) rides on the same all-reduce: then nobody writes
@@ -128,9 +144,12 @@ def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, d
     if totals[2] > 0:
         return False
     rngs = gather_to_main(randomness.state(), rt)
-    if rt.env.is_main:
-        at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
-        path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
-        say(f"saved {path}")
+    at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
+    if strategy is None:
+        if rt.env.is_main:
+            path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
+            say(f"saved {path}")
+    else:
+        strategy.write_checkpoint(t, at, cfg, data_state, rngs, stall)
     save_barrier(rt)
     return True

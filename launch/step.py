@@ -141,7 +141,8 @@ class TrainStep:
         step's element count summed over ranks (one tiny all-reduce; no host sync)."""
         n = torch.as_tensor(counted, dtype=torch.float32, device=self.rt.device).clone()
         all_reduce_sum(n, self.rt)
-        grads = [p.grad for p in self.params if p.grad is not None]
+        # Sharded (DTensor) gradients are scaled through their local shards: the factor is one number.
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in self.params if p.grad is not None]
         torch._foreach_mul_(grads, self.nominal / n.clamp(min=1))
 
     def clip_gradients(self) -> None:

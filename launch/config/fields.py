@@ -153,12 +153,26 @@ class TrainConfig:
     """Capture the whole optimizer step in one CUDA graph and replay it: 'auto' (on for a single CUDA process with in-memory data and a launch-bound model, once the GPU lane has measured it), 'on' or 'off'."""
     compile: bool = False
     """Wrap the model in torch.compile (checkpoints stay prefix-free)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (blocks as dist.fsdp_blocks picks them): less memory, about one more forward of compute."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile mode when train.compile is on: 'default', 'reduce-overhead' (CUDA graphs: for small models where kernel-launch overhead dominates; single process) or 'max-autotune'."""
 
 
 @dataclass
 class DistConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """'ddp': every rank holds the whole model (DistributedDataParallel); 'fsdp': parameters, gradients and optimizer state sharded over the ranks (FSDP2 fully_shard per block, then the root; sharded checkpoints). See docs/sharding.md."""
+    fsdp_blocks: list[str] = field(default_factory=list)
+    """fsdp (and train.activation_checkpointing): class names of the blocks to shard one by one, e.g. [GPT2Block]. Empty: the children of the model's nn.ModuleLists, else its top-level children."""
+    reshard_after_forward: bool = True
+    """fsdp: free a block's gathered parameters after its forward (gather again for the backward): less memory, one more all-gather per block."""
+    param_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fsdp: the dtype parameters are gathered and computed in (MixedPrecisionPolicy); the sharded master copy stays fp32. Not exact: see docs/sharding.md."""
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fsdp: the dtype gradients are reduce-scattered in."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer state in host memory (CUDA only)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
     timeout_s: float = 30.0
@@ -185,6 +199,8 @@ class CkptConfig:
     """Keep this many newest checkpoints (>= 1)."""
     resume: str = "auto"
     """'auto' (latest valid checkpoint in the run directory, if any), 'never' (start fresh; old checkpoints are moved aside, never deleted) or a checkpoint path to start from (used only while the run directory has no checkpoint of its own, so restarts continue)."""
+    async_save: bool = False
+    """fsdp: write sharded checkpoints in the background (on their own process group); training waits only for the copy of its shards. The checkpoint counts once its write completes and `latest` names it."""
     barrier_timeout_s: float = 600.0
     """How long other ranks wait for rank 0 to write a checkpoint."""
 

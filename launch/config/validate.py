@@ -79,6 +79,12 @@ def _train(t) -> None:
 
 def _rest(di, c, lg) -> None:
     _positive("dist.timeout_s", di.timeout_s)
+    if di.strategy != "fsdp":
+        for key, default in (("param_dtype", "fp32"), ("reduce_dtype", "fp32"), ("cpu_offload", False)):
+            if getattr(di, key) != default:
+                raise UserError(f"dist.{key}: applies to dist.strategy=fsdp only (the strategy is {di.strategy})")
+        if c.async_save:
+            raise UserError("ckpt.async_save: applies to sharded checkpoints (dist.strategy=fsdp) only")
     _positive("dist.bucket_cap_mb", di.bucket_cap_mb)
     _positive("ckpt.every_steps", c.every_steps, allow_zero=True)
     _positive("ckpt.every_epochs", c.every_epochs, allow_zero=True)

@@ -13,10 +13,11 @@ import importlib
 
 STRATEGIES = {
     "ddp": "launch.parallel.ddp:Replicated",  # every rank holds the whole model; DDP all-reduces gradients
+    "fsdp": "launch.parallel.fsdp:Sharded",  # parameters, gradients, optimizer state sharded (FSDP2)
 }
 
 
 def make(cfg, rt, say):
-    name = getattr(cfg.dist, "strategy", "ddp")
+    name = cfg.dist.strategy
     module, _, cls = STRATEGIES[name].partition(":")
     return getattr(importlib.import_module(module), cls)(cfg, rt, say)

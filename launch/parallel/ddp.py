@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch import checkpoint, state as state_mod
 from launch.errors import UserError
+from launch.model import clean_state_dict
 from launch.parallel import sync_bn
+from launch.parallel.blocks import activation_checkpointing, blocks
 
 
 class Replicated:
+    lockstep_forward = False  # a forward involves no other rank (evaluation may end unevenly)
+
     def __init__(self, cfg, rt, say):
         self.cfg, self.rt, self.say = cfg, rt, say
         self.k = rt.env.world_size
@@ -26,6 +32,9 @@ class Replicated:
     def prepare(self, bare: nn.Module, task, sample) -> None:
         """Before the optimizer exists: BatchNorm statistics over the global micro-batch (dist.sync_batchnorm),
         and unused parameters found now, named, instead of DDP's error at the second step."""
+        if self.cfg.train.activation_checkpointing:
+            for b in blocks(bare, self.cfg.dist.fsdp_blocks):
+                activation_checkpointing(b)
         if self.k == 1:
             return
         layers = len(sync_bn.batchnorm_layers(bare))
@@ -72,6 +81,33 @@ class Replicated:
 
     def clip(self, params: list, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(params, max_norm)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall) -> None:
+        """A full checkpoint, one file, written by rank 0 (launch.checkpoint)."""
+        if self.rt.env.is_main:
+            path = checkpoint.save(state_mod.capture(t, at, cfg, self.k, data_state, rngs), cfg.run_dir, at.step, cfg.ckpt.keep_last, stall)
+            self.say(f"saved {path}")
+
+    def load_state(self, t, ckpt: dict, origin: Path, rt) -> None:
+        """Model and optimizer from a full checkpoint, or from a sharded one (read whole, any world size)."""
+        if Path(origin).is_dir():
+            from launch.parallel import dcp
+
+            dcp.load(t.model, t.optimizer, origin, ckpt, rt)
+        else:
+            state_mod.load_full(ckpt, origin, t)
+
+    def verify_dir(self, path: Path) -> None:
+        """Collective check of a sharded checkpoint's files (launch.parallel.dcp)."""
+        from launch.parallel import dcp
+
+        dcp.verify(path, self.rt)
+
+    def full_weights(self, bare: nn.Module) -> dict:
+        """The whole model as a plain, prefix-free state dict (rank 0 writes it as model.pt)."""
+        return clean_state_dict(bare.state_dict())
 
     @torch.no_grad()
     def before_eval(self, bare: nn.Module) -> None:

@@ -1,0 +1,125 @@
+"""dist.strategy=fsdp: parameters, gradients and optimizer state sharded over the ranks (torch's FSDP2).
+
+Each block (dist.fsdp_blocks names their classes; by default the children of the model's
+nn.ModuleLists, else its top-level children that hold parameters) gets `fully_shard`, then the root:
+a rank keeps 1/k of every parameter and gathers a block's parameters just before its forward (and
+backward), so the memory for parameters + gradients + optimizer state is about 1/k of DDP's plus one
+block. The math is DDP's: gradients are averaged over the ranks (reduce-scatter instead of
+all-reduce), so with the launcher's loss weighting k ranks compute one process's update (fp32).
+
+Everything else the loop does keeps its meaning: accumulation (`set_requires_gradient_sync`, FSDP has
+no `no_sync`), clipping by the global norm over all shards, AMP, BatchNorm statistics over the global
+micro-batch (as under DDP), and evaluation, which runs a stand-in batch on a rank that has run out of
+samples, since every forward gathers parameters from every rank. Checkpoints are sharded
+(launch.parallel.dcp); the final model.pt is gathered once, a plain state dict.
+
+With one process there is nothing to shard: the run is a plain process (and says so).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from launch import checkpoint, state as state_mod
+from launch.errors import UserError
+from launch.model import clean_state_dict
+from launch.parallel import sync_bn
+from launch.parallel.blocks import activation_checkpointing, blocks
+from launch.parallel.ddp import Replicated
+
+
+class Sharded(Replicated):
+    lockstep_forward = True  # every forward gathers parameters from every rank: evaluation must keep pace
+
+    def __init__(self, cfg, rt, say):
+        super().__init__(cfg, rt, say)
+        self.sharded = self.k > 1
+        if not self.sharded:
+            self.lockstep_forward = False
+            say("dist.strategy=fsdp with one process: nothing to shard, training as a plain process")
+        if cfg.dist.cpu_offload and rt.device.type != "cuda":
+            raise UserError(f"dist.cpu_offload=true needs a CUDA device (on {rt.device.type} the parameters already live in host memory)")
+
+    def prepare(self, bare: nn.Module, task, sample) -> None:
+        if not self.sharded:
+            return super().prepare(bare, task, sample)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        if not any(p.requires_grad for p in bare.parameters()):
+            raise UserError("dist.strategy=fsdp: the model has no trainable parameters to shard")
+        layers = len(sync_bn.batchnorm_layers(bare))
+        if layers and self.cfg.dist.sync_batchnorm == "false":
+            self.say(sync_bn.note_without_sync(layers))
+        elif layers:
+            sync_bn.convert(bare)
+            self.global_bn = True
+        d = self.cfg.dist
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        options = {
+            "reshard_after_forward": d.reshard_after_forward,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=dtypes[d.param_dtype], reduce_dtype=dtypes[d.reduce_dtype]),
+        }
+        if d.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        for b in blocks(bare, d.fsdp_blocks):
+            if self.cfg.train.activation_checkpointing:
+                activation_checkpointing(b)
+            fully_shard(b, **options)
+        fully_shard(bare, **options)
+        self.root = bare
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module  # fully_shard changed the model in place; there is no wrapper
+
+    def micro_step(self, module: nn.Module, sync: bool, real: bool):
+        if self.sharded:
+            self.root.set_requires_gradient_sync(sync)  # accumulate unsharded, reduce-scatter on the last
+        return super().micro_step(module, True, real)
+
+    def clip(self, params: list, max_norm: float) -> None:
+        """The global norm over every rank's shards (a DTensor norm, made whole once), then the scale."""
+        grads = [p.grad for p in params if p.grad is not None]
+        total = nn.utils.get_total_norm(grads)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall) -> None:
+        """Sharded: every rank writes its own shards, nothing is gathered (launch.parallel.dcp)."""
+        if not self.sharded:
+            return super().write_checkpoint(t, at, cfg, data_state, rngs, stall)
+        from launch.parallel import dcp
+
+        previous = checkpoint.read_latest(checkpoint.checkpoint_dir(cfg.run_dir))
+        rest = state_mod.capture(t, at, cfg, self.k, data_state, rngs, tensors=False)
+        path = dcp.save(t.model, t.optimizer, rest, cfg.run_dir, at.step, self.rt, stall)
+        if self.rt.env.is_main:
+            checkpoint.commit(path, cfg.ckpt.keep_last, previous)
+            self.say(f"saved {path}")
+
+    def load_state(self, t, ckpt: dict, origin, rt) -> None:
+        """Shards resharded to this world size, or a full checkpoint (from DDP or one process) cut into shards."""
+        if not self.sharded or origin.is_dir():
+            return super().load_state(t, ckpt, origin, rt)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        # set_*_state_dict rewrite the dicts they are given and would share the step counters with
+        # them: copies, or a second import from the same dict drifts.
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(t.model, copy.deepcopy(clean_state_dict(ckpt["model"])), options=full)
+        names = [n for n, _ in t.model.named_parameters()]
+        osd = copy.deepcopy(ckpt["optimizer"])
+        by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+        set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+
+    def full_weights(self, bare: nn.Module) -> dict:
+        """Collective: the whole model as a plain state dict on rank 0 (empty elsewhere)."""
+        if not self.sharded:
+            return super().full_weights(bare)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
