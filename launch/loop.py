@@ -92,7 +92,7 @@ def checkpoint_mid_epoch(run: Run, tally: LossTally, due: bool) -> None:
     if bad:
         raise nonfinite(run.cfg, run.state.step, run.state.epoch)
     if wants_stop or due:
-        run.save(tally.totals())
+        run.save(tally.totals(), final=wants_stop)
     if wants_stop:
         raise stopped(run.stop, run.rt, run.cfg.run_dir, run.state.step, f"mid-epoch {run.state.epoch}")
 
@@ -126,7 +126,7 @@ def finish_epoch(run: Run, tally: LossTally, seen: int, save_at_end: bool, compl
         s.epoch, s.samples_in_epoch = epoch + 1, 0
     is_last = epoch + 1 == cfg.train.epochs or run.out_of_steps()
     if is_last or wants_stop or save_at_end or (cfg.ckpt.every_epochs and (epoch + 1) % cfg.ckpt.every_epochs == 0):
-        run.save(torch.zeros(2, dtype=torch.float64, device=rt.device) if complete else tally.totals())
+        run.save(torch.zeros(2, dtype=torch.float64, device=rt.device) if complete else tally.totals(), final=is_last or wants_stop)
     if wants_stop and not is_last:
         raise stopped(run.stop, rt, cfg.run_dir, s.step, f"after epoch {epoch}")
     return record

@@ -70,11 +70,12 @@ class Run:
         """train.max_steps reached (never, when it is 0)."""
         return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
 
-    def save(self, totals: torch.Tensor) -> None:
-        """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the partial epoch."""
+    def save(self, totals: torch.Tensor, final: bool = True) -> None:
+        """Collective checkpoint of the current state; `totals` is this rank's [loss sum, count] of the
+        partial epoch. Not `final` (a periodic save): the strategy may write it in the background."""
         stall = self.faults.save_stall(self.state.step)
         self.state.stream_state = getattr(self.train_feed, "state", None)
-        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, self.dir_lost(), self.strategy):
+        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, self.dir_lost(), self.strategy, final):
             raise lost_run_dir(self.cfg.run_dir)
 
     def dir_lost(self) -> bool:

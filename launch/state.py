@@ -135,7 +135,7 @@ def choose_resume(cfg, say: Callable[[str], None], verify_dir: Optional[Callable
     return None, None
 
 
-def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False, strategy=None) -> bool:
+def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False, strategy=None, final: bool = True) -> bool:
     """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
     so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits.
     `lost` (rank 0: the run directory was replaced) rides on the same all-reduce: then nobody writes
@@ -150,6 +150,6 @@ def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, d
             path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
             say(f"saved {path}")
     else:
-        strategy.write_checkpoint(t, at, cfg, data_state, rngs, stall)
+        strategy.write_checkpoint(t, at, cfg, data_state, rngs, stall, final)
     save_barrier(rt)
     return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from launch import checkpoint, config as config_mod
+from launch.commands import export
 from launch.data.build import build_data
 from launch.data.feeder import Feeder
 from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
@@ -45,18 +46,19 @@ def add_arguments(p) -> None:
 def load_source(source: str, config_path=None):
     """(state_dict, config, data_state or None, the file the weights came from)."""
     p = Path(source)
-    if p.is_dir():
+    if p.is_dir() and p.suffix != ".dcp":
         latest = checkpoint.read_latest(checkpoint.checkpoint_dir(p))
-        if latest and (checkpoint.checkpoint_dir(p) / latest).is_file():
+        if latest and (checkpoint.checkpoint_dir(p) / latest).exists():
             p = checkpoint.checkpoint_dir(p) / latest
         elif (p / "model.pt").is_file():
             p = p / "model.pt"
         else:
             raise UserError(f"{source}: no checkpoints/latest and no model.pt (not a finished run directory?)")
-    elif not p.is_file():
+    elif not p.exists():
         raise UserError(f"{source}: no such file or run directory")
     try:
-        weights, ckpt = checkpoint.load_weights(p)
+        # a sharded checkpoint (a .dcp directory) is read whole here, as `launch export` does
+        weights, ckpt = (export.weights(p), checkpoint.load(p)) if p.is_dir() else checkpoint.load_weights(p)
     except checkpoint.CheckpointError:
         raise
     except Exception as e:  # torch.load's unpickler can fail in other ways on arbitrary bytes (e.g. IndexError)

@@ -24,6 +24,7 @@ import io
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,9 +125,12 @@ def put(model, optimizer, tensors: dict, groups: list) -> None:
 # --------------------------------------------------------------------------- write
 
 
-def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, before_rename=None) -> Path:
-    """Collective. Every rank writes its shards; rank 0 commits (manifest, rename, `latest`). Returns the directory."""
-    from torch.distributed.checkpoint import FileSystemWriter
+def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, before_rename=None, async_group=None):
+    """Collective. Every rank writes its shards; returns `finish()`, which (collectively) waits for the
+    writes, shares out the hashing and has rank 0 write the manifest and rename the directory into
+    place, returning it. With `async_group` the writes run in the background on that group (training
+    waits only for the copy of its shards): call finish() later, before the next save."""
+    from torch.distributed.checkpoint import FileSystemWriter, async_save
     from torch.distributed.checkpoint import save as dcp_save
 
     final = step_dir(run_dir, step)
@@ -136,14 +140,43 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
         tmp.mkdir(parents=True)
     save_barrier(rt)
     tensors, groups = tensors_of(model, optimizer)
+    pending = None
     try:
-        dcp_save(tensors, storage_writer=FileSystemWriter(str(tmp), thread_count=1))
+        if async_group is None:
+            dcp_save(tensors, storage_writer=FileSystemWriter(str(tmp), thread_count=1))
+        else:
+            pending = async_save(tensors, storage_writer=FileSystemWriter(str(tmp), thread_count=1), process_group=async_group, async_stager=_stager())
     except BaseException as e:  # CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise WriteError(f"cannot write sharded checkpoint {final}: {_first_line(e)}") from None
     if rt.env.is_main:
         integrity.atomic_write(tmp / STATE, lambda f: torch.save({"format": FORMAT, **rest, "optimizer": {"param_groups": groups}}, f), what="checkpoint")
+
+    def finish() -> Path:
+        if pending is not None:
+            try:
+                getattr(pending, "upload_completion", pending).result()
+            except BaseException as e:
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise WriteError(f"cannot write sharded checkpoint {final} (in the background): {_first_line(e)}") from None
+        _commit(tmp, final, step, rt, before_rename)
+        return final
+
+    return finish
+
+
+def _stager():
+    """Staging copies of the shards, without pinned or shared memory (those need an accelerator)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False))
+
+
+def _commit(tmp: Path, final: Path, step: int, rt: Runtime, before_rename) -> None:
+    """Every rank hashes its share of the files; rank 0 writes the manifest and renames the directory."""
     save_barrier(rt)
     names = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".tmp")) if tmp.exists() else []
     mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": integrity.sha256_file(tmp / n)} for n in names[rt.env.rank :: rt.env.world_size]}
@@ -156,7 +189,6 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a killed run that never got committed
         os.replace(tmp, final)
         integrity.fsync_dir(final.parent)
-    return final
 
 
 # --------------------------------------------------------------------------- read
@@ -226,7 +258,9 @@ def export(path: Path) -> dict:
             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
     nested = {"model": {k[len("model."):]: t for k, t in full.items()}}
     try:
-        dcp_load(nested, storage_reader=_reader(path), planner=_planner(), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load(nested, storage_reader=_reader(path), planner=_planner(), no_dist=True)
     except CheckpointError:
         raise
     except BaseException as e:

@@ -84,7 +84,7 @@ class Replicated:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall) -> None:
+    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall, final: bool = True) -> None:
         """A full checkpoint, one file, written by rank 0 (launch.checkpoint)."""
         if self.rt.env.is_main:
             path = checkpoint.save(state_mod.capture(t, at, cfg, self.k, data_state, rngs), cfg.run_dir, at.step, cfg.ckpt.keep_last, stall)

@@ -40,6 +40,13 @@ class Sharded(Replicated):
         if not self.sharded:
             self.lockstep_forward = False
             say("dist.strategy=fsdp with one process: nothing to shard, training as a plain process")
+        self.pending, self.async_group = None, None
+        if cfg.ckpt.async_save and self.sharded:  # DCP's background writes on the training group abort it (gloo): a group of their own
+            import datetime
+
+            import torch.distributed as dist
+
+            self.async_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.ckpt.barrier_timeout_s))
         if cfg.dist.cpu_offload and rt.device.type != "cuda":
             raise UserError(f"dist.cpu_offload=true needs a CUDA device (on {rt.device.type} the parameters already live in host memory)")
 
@@ -87,17 +94,33 @@ class Sharded(Replicated):
             total = total.full_tensor()
         nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
-    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall) -> None:
-        """Sharded: every rank writes its own shards, nothing is gathered (launch.parallel.dcp)."""
+    def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall, final: bool = True) -> None:
+        """Sharded: every rank writes its own shards, nothing is gathered (launch.parallel.dcp). With
+        ckpt.async_save a periodic save writes in the background and is committed at the next save;
+        a save the run ends or stops on is written at once."""
         if not self.sharded:
-            return super().write_checkpoint(t, at, cfg, data_state, rngs, stall)
+            return super().write_checkpoint(t, at, cfg, data_state, rngs, stall, final)
         from launch.parallel import dcp
 
-        previous = checkpoint.read_latest(checkpoint.checkpoint_dir(cfg.run_dir))
+        self.flush()
+        background = cfg.ckpt.async_save and not final
         rest = state_mod.capture(t, at, cfg, self.k, data_state, rngs, tensors=False)
-        path = dcp.save(t.model, t.optimizer, rest, cfg.run_dir, at.step, self.rt, stall)
+        finish = dcp.save(t.model, t.optimizer, rest, cfg.run_dir, at.step, self.rt, stall, self.async_group if background else None)
+        self.pending = lambda: self._commit(finish, cfg.ckpt.keep_last, cfg.run_dir)
+        if not background:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the checkpoint still being written in the background, if any (collective)."""
+        pending, self.pending = getattr(self, "pending", None), None
+        if pending is not None:
+            pending()
+
+    def _commit(self, finish, keep_last: int, run_dir) -> None:
+        previous = checkpoint.read_latest(checkpoint.checkpoint_dir(run_dir))
+        path = finish()
         if self.rt.env.is_main:
-            checkpoint.commit(path, cfg.ckpt.keep_last, previous)
+            checkpoint.commit(path, keep_last, previous)
             self.say(f"saved {path}")
 
     def load_state(self, t, ckpt: dict, origin, rt) -> None:
