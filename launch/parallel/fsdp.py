@@ -19,6 +19,7 @@ With one process there is nothing to shard: the run is a plain process (and says
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -71,6 +72,9 @@ class Sharded(Replicated):
         }
         if d.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        # The loop never modifies a model's output in place (losses are out of place): FSDP's warning
+        # about outputs that are views cannot apply, and would print on every rank.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for b in blocks(bare, d.fsdp_blocks):
             if self.cfg.train.activation_checkpointing:
                 activation_checkpointing(b)

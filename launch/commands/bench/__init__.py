@@ -1,4 +1,4 @@
-"""`launch bench`: the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate), DDP overhead and the data path -> bench.json, bench.md, bench.png.
+"""`launch bench`: the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate), DDP overhead, the data path and memory per rank (DDP against FSDP) -> bench.json, bench.md, bench.png.
 
 What is timed, everywhere: the training epochs only (data iteration, forward, backward, optimizer
 step, and for our loop its per-step bookkeeping and periodic agreement), never process start-up,
@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from launch.commands.bench.data import data_section
+from launch.commands.bench.memory import memory_section
 from launch.commands.bench.report import markdown, plot
 from launch.commands.bench.workloads import SEED_SCALES, SWEEP_CONFIG, mlp_params
 from launch.commands.bench.peers import peer_comparison
 from launch.commands.bench.sections import big_batch, crossover, ddp_world1, ddp_world2_cpu, overhead, sweep
 
-SECTIONS = ("sweep", "big", "overhead", "peers", "ddp", "data")
+SECTIONS = ("sweep", "big", "overhead", "peers", "ddp", "data", "memory")
 
 
 def _ints(text: str) -> list[int]:
@@ -112,6 +113,8 @@ def _run(args) -> int:
         _comparisons(args, res, sections, devices, over_scales, reps, epochs, say)
     if "data" in sections:
         res["data"] = data_section(args.quick, reps, say)
+    if "memory" in sections:
+        res["memory"] = memory_section(devices, say)
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (out_dir / "bench.md").write_text(md + "\n")

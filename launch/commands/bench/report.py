@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from launch.commands.bench.data import markdown as data_markdown
+from launch.commands.bench.memory import markdown as memory_markdown
 from launch.commands.bench.workloads import SEEDS, SEEDS_CROSSOVER, mlp_params
 
 
@@ -63,6 +64,8 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("data"):
         lines += data_markdown(res["data"])
+    if res.get("memory"):
+        lines += memory_markdown(res["memory"])
     return "\n".join(lines)
 
 

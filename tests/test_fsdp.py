@@ -1,0 +1,129 @@
+"""Issue 18: FSDP2 sharding keeps the proofs: one process's updates, bitwise resume at the same world
+size, resharding to another, torn and planted sharded checkpoints refused, errors in one line."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from launch import checkpoint, config, integrity
+from launch.errors import UserError
+from launch.logger import read_metrics
+from launch.parallel.blocks import blocks
+from tests.helpers import PY, output, run
+from tests.test_models import max_diff, spawn, train_inproc
+
+# A 2-block transformer (its blocks live in an nn.ModuleList: sharded one by one, then the root) on
+# 385 sums: no batch size used here divides it, so every epoch ends on a short, uneven step.
+GPT = ["model.name=launch.examples.sums_lm:TinyGPT", "model.kwargs={seq_len: 9, d_model: 32, n_heads: 2}",
+       "data.name=launch.examples.sums_lm:SumsDataset", "data.kwargs={n: 385, n_eval: 101}", "data.eval_batch_size=32",
+       "train.epochs=2", "train.accum_steps=2", "train.grad_clip=0.5", "train.optimizer=sgd", "train.lr=0.3",
+       "train.check_every_steps=2", "log.progress=false", "train.device=cpu"]
+FSDP = ["dist.strategy=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    d = tmp_path_factory.mktemp("one")
+    result, w, _ = train_inproc(d, *GPT, "data.batch_size=48")
+    return result, w
+
+
+def test_fsdp_at_2_and_3_ranks_equals_one_process_and_ddp(one_process, tmp_path):
+    """Accumulation (set_requires_gradient_sync), clipping by the global norm over shards, the uneven
+    last step and the global-count loss weighting: FSDP(k) at batch 48/k is one process at 48."""
+    one, w1 = one_process
+    runs = {"fsdp2": (2, 24, FSDP), "fsdp3": (3, 16, FSDP), "ddp2": (2, 24, [])}
+    for name, (k, b, extra) in runs.items():
+        p = spawn(k, tmp_path / name, *GPT, f"data.batch_size={b}", *extra)
+        assert p.returncode == 0, output(p)
+    w = {name: torch.load(tmp_path / name / "model.pt", weights_only=True) for name in runs}
+    assert max_diff(w1, w["fsdp2"]) <= 1e-6 and max_diff(w1, w["fsdp3"]) <= 1e-6
+    assert max_diff(w["ddp2"], w["fsdp2"]) <= 1e-7
+    rec = read_metrics(tmp_path / "fsdp3")[-1]
+    assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6) and rec["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-9)
+    assert rec["eval_samples"] == 101  # lockstep evaluation: stand-in batches add nothing
+    sharded = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path / "fsdp3").iterdir())
+    assert "step_00000010.dcp" in sharded and "step_00000010.manifest.json" in sharded
+
+
+def test_fsdp_resumes_bitwise_and_reshards_to_another_world_size(tmp_path):
+    """Stopped mid-epoch (periodic saves written in the background, ckpt.async_save) and rerun: bitwise.
+    The same checkpoint continued by 3 ranks at the same global batch: the exact sample, the same steps."""
+    common = [*GPT, *FSDP, "data.batch_size=24", "ckpt.every_steps=2", "ckpt.async_save=true"]
+    ref = spawn(2, tmp_path / "ref", *common)
+    assert ref.returncode == 0, output(ref)
+    stopped = spawn(2, tmp_path / "run", *common, LAUNCH_FAULT="stop:step=6")
+    assert stopped.returncode == 75 and "stopped by SIGTERM at step 6" in stopped.stderr, output(stopped)
+    shutil.copytree(tmp_path / "run", tmp_path / "three")
+    again = spawn(2, tmp_path / "run", *common)
+    assert again.returncode == 0 and "resumed from" in again.stdout and "step_00000006.dcp" in again.stdout, output(again)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    three = spawn(3, tmp_path / "three", *common, "data.batch_size=16")
+    assert three.returncode == 0 and "written with world size 2, resuming with 3" in three.stdout, output(three)
+    assert "changed on resume at step 6: data.batch_size 24 -> 16" in three.stdout
+    assert max_diff(a, torch.load(tmp_path / "three" / "model.pt", weights_only=True)) <= 1e-6
+
+
+def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(tmp_path):
+    p = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "train.epochs=2")
+    assert p.returncode == 0, output(p)
+    ckdir = checkpoint.checkpoint_dir(tmp_path / "run")
+    assert checkpoint.read_latest(ckdir) == "step_00000010.dcp"  # 5 steps an epoch
+    # a planted payload: .metadata that would run a command when unpickled
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "planted.dcp"
+    shutil.copytree(ckdir / "step_00000005.dcp", planted)
+    (planted / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
+    # ... with a manifest that matches it (a checkpoint from elsewhere comes with its own)
+    files = {f"{planted.name}/{f.name}": {"bytes": f.stat().st_size, "sha256": integrity.sha256_file(f)} for f in planted.iterdir()}
+    integrity.write_manifest(integrity.manifest_path(planted), files, checkpoint=planted.name)
+    e = run([PY, "-m", "launch", "export", str(planted), "-o", str(tmp_path / "x.pt")])
+    assert e.returncode == 2 and "refused: its .metadata holds a pickled Python object (posix.system)" in e.stderr, output(e)
+    assert not marker.exists() and len(e.stderr.strip().splitlines()) == 1
+    # one shard of the newest checkpoint lost: the rerun says so, falls back and trains on
+    (ckdir / "step_00000010.dcp" / "__1_0.distcp").unlink()
+    again = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "train.epochs=3")
+    assert again.returncode == 0, output(again)
+    assert "__1_0.distcp: listed in step_00000010.manifest.json but unreadable" in again.stdout and "resumed from" in again.stdout and "step_00000005.dcp" in again.stdout, output(again)
+    assert list(ckdir.glob("step_00000010.dcp.corrupt-*")), "the torn checkpoint is kept aside"
+    # export and predict read a sharded checkpoint whole
+    x = run([PY, "-m", "launch", "export", str(tmp_path / "run")])
+    assert x.returncode == 0, output(x)
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    exported = torch.load(tmp_path / "run" / "model.step_00000015.pt", weights_only=True)
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+
+
+class Payload:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_fsdp_mistakes_are_one_line():
+    from launch.examples.sums_lm import TinyGPT
+
+    model = TinyGPT(seq_len=9)
+    assert len(blocks(model, [])) == 2 and len(blocks(model, ["Block"])) == 2
+    with pytest.raises(UserError, match=r"dist.fsdp_blocks=\['Blok'\]: no module of this model has that class \(its classes: Block, "):
+        blocks(model, ["Blok"])
+    with pytest.raises(UserError, match="dist.param_dtype: applies to dist.strategy=fsdp only"):
+        config.load(None, ["dist.param_dtype=bf16"])
+    with pytest.raises(UserError, match=r"dist.cpu_offload=true needs a CUDA device"):
+        _fsdp_cpu_offload()
+
+
+def _fsdp_cpu_offload():
+    from launch.dist import DistEnv, Runtime
+    from launch.parallel.fsdp import Sharded
+
+    cfg = config.load(None, ["dist.strategy=fsdp", "dist.cpu_offload=true", "train.device=cpu"])
+    Sharded(cfg, Runtime(DistEnv("plain"), torch.device("cpu"), None), print)
