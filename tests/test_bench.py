@@ -109,3 +109,15 @@ def test_an_installed_peer_trains_the_seeds_workload(peer):
 
     out = peers_mod.LOOPS[peer](SWEEP_CONFIG, [*scale_overrides(SWEEP_CONFIG, 1), "train.epochs=2"], "cpu", module)
     assert len(out["epochs"]) == 2 and all(t > 0 for t in out["epochs"])
+
+
+def test_memory_section_shows_fsdp_holding_one_kth_of_ddps_state():
+    """Issue 18: parameters + gradients + optimizer state per rank under FSDP <= 1/k of DDP's plus one block."""
+    from launch.commands.bench.memory import markdown, measure
+
+    ddp, fsdp = measure("ddp", 2, "cpu"), measure("fsdp", 2, "cpu")
+    assert ddp["state_mb"] > 0 and fsdp["state_mb"] <= ddp["state_mb"] / 2 + 4 * fsdp["largest_block_mb"]
+    assert fsdp["params_mb"] == pytest.approx(ddp["params_mb"] / 2, rel=0.01)
+    assert fsdp["optimizer_mb"] == pytest.approx(ddp["optimizer_mb"] / 2, rel=0.01)
+    table = "\n".join(markdown([ddp, fsdp]))
+    assert "| cpu | 2 | fsdp |" in table and "| 0.50 |" in table

@@ -111,7 +111,7 @@ class Preempter(threading.Thread):
         deadline = time.monotonic() + 150
         ckdir = self.job.run_dir / "checkpoints"
         while time.monotonic() < deadline:
-            if any(ckdir.glob(".step_00000004.pt.tmp-*")):
+            if any(ckdir.glob(".step_00000004.pt.tmp-*")) or any(ckdir.glob(".step_00000004.dcp.tmp")):
                 p = self.job.cluster.client(["scancel", "--batch", "--signal=USR1", self.job.id])
                 self.sent_at = time.monotonic()
                 self.error = None if p.returncode == 0 else p.stderr
@@ -125,8 +125,9 @@ def jobs(cluster, tmp_path_factory):
     """Submit everything at once (preemption jobs first, they take longest), and start the reference run."""
     base = tmp_path_factory.mktemp("slurm")
     out = {}
-    for mode, template in (("torchrun", "single_node_cpu.sbatch"), ("srun", "srun_tasks_cpu.sbatch")):
-        job = Job(cluster, template, base / f"preempt_{mode}", *PREEMPT, LAUNCH_FAULT=STALL)
+    for mode, template, extra in (("torchrun", "single_node_cpu.sbatch", []), ("srun", "srun_tasks_cpu.sbatch", []),
+                                  ("srun_fsdp", "srun_tasks_cpu.sbatch", ["dist.strategy=fsdp"])):
+        job = Job(cluster, template, base / f"preempt_{mode}", *PREEMPT, *extra, LAUNCH_FAULT=STALL)
         out[f"preempt_{mode}"] = (job, Preempter(job))
     for template in ("single_node_cpu.sbatch", "srun_tasks_cpu.sbatch", "multi_node_cpu.sbatch"):
         out[template] = Job(cluster, template, base / template.split(".")[0])
@@ -149,10 +150,10 @@ def reference(jobs) -> dict:
     return torch.load(ref_dir / "model.pt", weights_only=True)
 
 
-def assert_same_model(run_dir: Path, reference: dict, why: str) -> None:
+def assert_same_model(run_dir: Path, reference: dict, why: str, tolerance: float = 0.0) -> None:
     model = torch.load(run_dir / "model.pt", weights_only=True)
     assert model.keys() == reference.keys()
-    differ = [k for k in reference if not torch.equal(model[k], reference[k])]
+    differ = [k for k in reference if (model[k] - reference[k]).abs().max() > tolerance]
     assert not differ, f"final parameters differ from `train_ddp.py --nproc 2` in {differ}\n{why}"
 
 
@@ -184,7 +185,7 @@ def test_template_trains_like_spawn(jobs, reference, template, launcher, nodes):
     assert_same_model(job.run_dir, reference, why)
 
 
-@pytest.mark.parametrize("mode", ["torchrun", "srun"])
+@pytest.mark.parametrize("mode", ["torchrun", "srun", "srun_fsdp"])
 def test_preemption_checkpoints_requeues_and_resumes(jobs, reference, mode):
     job, preempter = jobs[f"preempt_{mode}"]
     info = job.wait(timeout=150)
@@ -195,16 +196,17 @@ def test_preemption_checkpoints_requeues_and_resumes(jobs, reference, mode):
     # The first run: the trap fired, the workers stopped at the next step and saved there, the script requeued.
     assert "caught SIGUSR1" in text, why
     assert re.search(r"stopped by stop file .*STOP at step 5 \(mid-epoch 0\)", text), why
-    assert "saved " + str(job.run_dir / "checkpoints" / "step_00000005.pt") in text, why
+    kind = ".dcp" if mode.endswith("fsdp") else ".pt"  # FSDP: a sharded checkpoint, a directory
+    assert "saved " + str(job.run_dir / "checkpoints" / f"step_00000005{kind}") in text, why
     assert f"requeueing {job.id}" in text, why
     # The second run (same job id, restart 1) resumed from that checkpoint and finished.
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
     assert info["Restarts"] == "1", why
     assert f"job {job.id} (restart 1)" in text, why
-    assert re.search(r"resumed from \S*step_00000005\.pt \(epoch 0, step 5\)", text), why
+    assert re.search(r"resumed from \S*step_00000005" + re.escape(kind) + r" \(epoch 0, step 5\)", text), why
     assert not (job.run_dir / "STOP").exists()
     assert world_sizes(job.run_dir) == {2}, why
-    assert_same_model(job.run_dir, reference, why)
+    assert_same_model(job.run_dir, reference, why, tolerance=1e-6 if kind == ".dcp" else 0.0)
 
 
 def test_templates_pass_sbatch_test_only(cluster):
