@@ -26,7 +26,7 @@ AS_GIVEN = (
     "data.eval_batch_size", "data.eval_max_samples", "data.path", "data.val_path",
 )
 APPLIED = (
-    "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip",
+    "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip", "train.ema_decay", "train.ema_warmup_steps",
     "train.schedule", "train.warmup_steps", "train.step_every", "train.gamma", "train.min_lr_ratio",
 )
 QUIET = ("run.", "ckpt.resume")  # where the run lives and how it started: no news on a rerun

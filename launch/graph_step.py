@@ -73,6 +73,8 @@ class CudaGraph:
 
     def replay(self) -> None:
         self.graph.replay()
+        if self.eager.ema is not None:  # the captured step ends at the optimizer: the average follows it
+            self.eager.ema.update()
 
 
 class GraphedStep:
@@ -104,6 +106,8 @@ class GraphedStep:
             self._prepare()
             self.graph = self.graph_class(self._body)
         self.graph.replay()
+        if self.eager.ema is not None:  # the captured step ends at the optimizer: the average follows it
+            self.eager.ema.update()
         count = self.count if isinstance(self.count, int) else self.count.clone()
         tally.add(self.loss.clone(), count, self.task.static)
         self.eager.last = (self.loss, count)

@@ -111,6 +111,10 @@ def finish_epoch(run: Run, tally: LossTally, seen: int, save_at_end: bool, compl
     record = {"epoch": epoch, "step": s.step, "train_loss": float(totals[0] / totals[1])}
     run.strategy.before_eval(run.bare)
     record.update(evaluate(run.bare, run.task, run.eval_feed, rt, cfg, run.strategy.lockstep_forward))
+    if run.parts.ema is not None:  # the averaged weights, on the same samples
+        with run.parts.ema.swapped_in():
+            averaged = evaluate(run.bare, run.task, run.eval_feed, rt, cfg, run.strategy.lockstep_forward)
+        record.update({f"{k}_ema": v for k, v in averaged.items() if k != "eval_samples"})
     record.update(
         samples_per_s=float(totals[2]) / max(epoch_time, 1e-9),
         elapsed_s=time.perf_counter() - run.started,

@@ -19,6 +19,7 @@ from launch.data.build import build_data
 from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
 from launch.dist import Runtime, print0, rank_table, save_barrier
+from launch.ema import EMA
 from launch.errors import UserError
 from launch.faults import Faults
 from launch.logger import MetricsLog, read_metrics, tensorboard_writer_class
@@ -90,10 +91,16 @@ class Run:
             done = read_metrics(self.cfg.run_dir)
             record = done[-1] if done else {}
         weights = self.strategy.full_weights(self.bare)  # collective for a sharded model
+        averaged = None
+        if self.parts.ema is not None:
+            with self.parts.ema.swapped_in():  # copies: a state_dict's tensors are the parameters, swapped back below
+                averaged = {k: v.clone() for k, v in self.strategy.full_weights(self.bare).items()}
         if self.rt.env.is_main:
             if self.dir_lost():
                 raise lost_run_dir(self.cfg.run_dir)
             checkpoint.save_weights(self.cfg.run_dir / "model.pt", weights)
+            if averaged is not None:
+                checkpoint.save_weights(self.cfg.run_dir / "model_ema.pt", averaged)
         return record
 
 
@@ -109,7 +116,8 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     per_epoch = feeds[0].steps_per_epoch(cfg.train.accum_steps)
     graphs, graph_note = graph_step.decide(cfg, rt, feeds[0].in_memory, sum(p.numel() for p in bare.parameters()))
     optimizer = make_optimizer(cfg, bare.parameters(), capturable=graphs and rt.device.type == "cuda")
-    parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, total_steps(cfg, per_epoch)), make_scaler(cfg, rt.device))
+    ema = EMA(bare, cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema_decay else None
+    parts = Trainables(bare, optimizer, make_scheduler(cfg, optimizer, total_steps(cfg, per_epoch)), make_scaler(cfg, rt.device), ema)
     resumed_from, ckpt = state_mod.choose_resume(cfg, say, strategy.verify_dir)
     state = TrainState()
     if resumed_from is not None:
@@ -134,6 +142,8 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
     optimizer, task = parts.optimizer, run.task
     module = _compile(cfg, run.strategy.wrap(TrainingModule(bare, task)))
     run.step = TrainStep(cfg, rt, module, bare, task, optimizer, parts.scheduler, parts.scaler, run.strategy)
+    run.step.ema = parts.ema  # updated after every optimizer step (by the step: an optimizer hook would also
+    # fire for the zero-learning-rate step torch's state_dict helpers take to create optimizer state)
     if graphs:
         run.step = graph_step.GraphedStep(run.step, run.train_feed)
     if graph_note:

@@ -38,6 +38,7 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: Optional[object]
+    ema: Optional[object] = None  # launch.ema.EMA when train.ema_decay > 0
 
 
 def optimizer_state(optimizer) -> dict:
@@ -55,6 +56,8 @@ def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict
     model and no optimizer state."""
     return {
         **({"model": clean_state_dict(t.model.state_dict()), "optimizer": optimizer_state(t.optimizer)} if tensors else {}),
+        **({"ema": clean_state_dict(t.ema.state())} if tensors and t.ema is not None else {}),
+        "ema_updates": t.ema.updates if t.ema is not None else None,
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "epoch": s.epoch,
@@ -81,6 +84,8 @@ def load_full(ckpt: dict, origin: Path, t: Trainables) -> None:
         detail = " ".join(str(e).split())
         raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit this model ({detail[:300]})") from None
     t.optimizer.load_state_dict(ckpt["optimizer"])
+    if t.ema is not None and ckpt.get("ema") is not None:
+        t.ema.load(clean_state_dict(ckpt["ema"]), ckpt["ema_updates"])
 
 
 def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int, strategy=None, rt=None) -> TrainState:

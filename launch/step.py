@@ -92,6 +92,7 @@ class TrainStep:
         self.counted_weight = self.k / self.nominal  # counted elements: backprop sum x this, rescale once N is known
         self.last = (0.0, 1)
         self.eager_step = self  # GraphedStep has its eager TrainStep here too
+        self.ema = None  # launch.ema.EMA, updated after each optimizer step (GraphedStep does it after a replay)
 
     def __call__(self, batches: Iterator, n_micro: int, global_samples: int, tally: LossTally, poison: bool = False) -> None:
         """One optimizer step over the next `n_micro` micro-batches, which hold `global_samples` samples on all ranks together."""
@@ -132,6 +133,8 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.step_lr:
             self.scheduler.step()

@@ -127,6 +127,10 @@ class TrainConfig:
     """Gradient accumulation: micro-batches per optimizer step (DDP syncs only on the last)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the parameters with this decay (e.g. 0.999), updated after every optimizer step, checkpointed, evaluated each epoch (eval_loss_ema, ...) and saved as model_ema.pt; 0 turns it off."""
+    ema_warmup_steps: int = 0
+    """Ramp the EMA's decay up linearly over this many optimizer steps (0: the full decay from the first step)."""
 
     # The learning-rate schedule
     schedule: Literal["constant", "step", "cosine"] = "constant"

@@ -106,13 +106,13 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- templates
 
 
-def tensors_of(model, optimizer) -> tuple[dict, list]:
-    """({'model': ..., 'optim': ...} of tensors (DTensor shards under FSDP), the optimizer's param_groups).
-    The optimizer's state is keyed by parameter name, so any world size and strategy can read it."""
+def tensors_of(model, optimizer, ema=None) -> tuple[dict, list]:
+    """({'model': ..., 'optim': ..., 'ema': ...} of tensors (DTensor shards under FSDP), the optimizer's
+    param_groups). The optimizer's state is keyed by parameter name, so any world size and strategy can read it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer)
-    return {"model": get_model_state_dict(model), "optim": osd["state"]}, osd["param_groups"]
+    return {"model": get_model_state_dict(model), "optim": osd["state"], **({"ema": ema.state()} if ema is not None else {})}, osd["param_groups"]
 
 
 def put(model, optimizer, tensors: dict, groups: list) -> None:
@@ -125,7 +125,7 @@ def put(model, optimizer, tensors: dict, groups: list) -> None:
 # --------------------------------------------------------------------------- write
 
 
-def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, before_rename=None, async_group=None):
+def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, before_rename=None, async_group=None, ema=None):
     """Collective. Every rank writes its shards; returns `finish()`, which (collectively) waits for the
     writes, shares out the hashing and has rank 0 write the manifest and rename the directory into
     place, returning it. With `async_group` the writes run in the background on that group (training
@@ -139,7 +139,9 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     save_barrier(rt)
-    tensors, groups = tensors_of(model, optimizer)
+    tensors, groups = tensors_of(model, optimizer, ema)
+    if ema is not None:  # the background writer copies them: detached clones, not the live shadows
+        tensors["ema"] = {n: t.detach().clone() for n, t in tensors["ema"].items()}
     pending = None
     try:
         if async_group is None:
@@ -230,12 +232,16 @@ def _optim_templates(model, md) -> dict:
     return out
 
 
-def load(model, optimizer, path: Path, rest: dict, rt: Runtime) -> None:
-    """Fill the model and optimizer from the shards, resharded to this world size and strategy."""
+def load(model, optimizer, path: Path, rest: dict, rt: Runtime, ema=None) -> None:
+    """Fill the model, optimizer (and EMA) from the shards, resharded to this world size and strategy."""
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    tensors = {"model": get_model_state_dict(model), "optim": _optim_templates(model, read_metadata(path))}
+    md = read_metadata(path)
+    tensors = {"model": get_model_state_dict(model), "optim": _optim_templates(model, md)}
+    has_ema = ema is not None and any(k.startswith("ema.") for k in md.state_dict_metadata)
+    if has_ema:
+        tensors["ema"] = {n: torch.zeros_like(t) for n, t in ema.state().items()}
     try:
         dcp_load(tensors, storage_reader=_reader(path), planner=_planner(), no_dist=not dist.is_initialized())
     except CheckpointError:
@@ -245,6 +251,8 @@ def load(model, optimizer, path: Path, rest: dict, rt: Runtime) -> None:
             raise
         raise _refused(e) or CheckpointError(f"checkpoint {path}: does not fit this model ({_first_line(e)})") from None
     put(model, optimizer, tensors, rest["optimizer"]["param_groups"])
+    if has_ema:
+        ema.load(tensors["ema"], rest["ema_updates"])
 
 
 def export(path: Path) -> dict:

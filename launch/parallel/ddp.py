@@ -95,7 +95,7 @@ class Replicated:
         if Path(origin).is_dir():
             from launch.parallel import dcp
 
-            dcp.load(t.model, t.optimizer, origin, ckpt, rt)
+            dcp.load(t.model, t.optimizer, origin, ckpt, rt, t.ema)
         else:
             state_mod.load_full(ckpt, origin, t)
 

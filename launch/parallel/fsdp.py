@@ -109,7 +109,7 @@ class Sharded(Replicated):
         self.flush()
         background = cfg.ckpt.async_save and not final
         rest = state_mod.capture(t, at, cfg, self.k, data_state, rngs, tensors=False)
-        finish = dcp.save(t.model, t.optimizer, rest, cfg.run_dir, at.step, self.rt, stall, self.async_group if background else None)
+        finish = dcp.save(t.model, t.optimizer, rest, cfg.run_dir, at.step, self.rt, stall, self.async_group if background else None, t.ema)
         self.pending = lambda: self._commit(finish, cfg.ckpt.keep_last, cfg.run_dir)
         if not background:
             self.flush()
@@ -142,6 +142,11 @@ class Sharded(Replicated):
         by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
         set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+        if t.ema is not None and ckpt.get("ema") is not None:  # a whole EMA cut into this rank's shards
+            from torch.distributed.tensor import distribute_tensor
+
+            whole = clean_state_dict(ckpt["ema"])
+            t.ema.load({n: distribute_tensor(whole[n], p.device_mesh, p.placements) for n, p in t.ema.named}, ckpt["ema_updates"])
 
     def full_weights(self, bare: nn.Module) -> dict:
         """Collective: the whole model as a plain state dict on rank 0 (empty elsewhere)."""
