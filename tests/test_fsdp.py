@@ -92,6 +92,13 @@ def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(t
     assert again.returncode == 0, output(again)
     assert "__1_0.distcp: listed in step_00000010.manifest.json but unreadable" in again.stdout and "resumed from" in again.stdout and "step_00000005.dcp" in again.stdout, output(again)
     assert list(ckdir.glob("step_00000010.dcp.corrupt-*")), "the torn checkpoint is kept aside"
+    # a sharded checkpoint of another model: one line, not DCP's exception (checked in this process)
+    from launch.examples.sums_lm import TinyGPT
+    from launch.parallel import dcp
+
+    other = TinyGPT(seq_len=9, d_model=16, n_heads=2)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+        dcp.load(other, torch.optim.SGD(other.parameters(), lr=0.1), ckdir / "step_00000005.dcp", checkpoint.load(ckdir / "step_00000005.dcp"), None)
     # export and predict read a sharded checkpoint whole
     x = run([PY, "-m", "launch", "export", str(tmp_path / "run")])
     assert x.returncode == 0, output(x)
@@ -119,6 +126,8 @@ def test_fsdp_mistakes_are_one_line():
         config.load(None, ["dist.param_dtype=bf16"])
     with pytest.raises(UserError, match=r"dist.cpu_offload=true needs a CUDA device"):
         _fsdp_cpu_offload()
+    with pytest.raises(UserError, match="dist.strategy=fsdp: the model has no trainable parameters to shard"):
+        _two_rank_strategy().prepare(torch.nn.Sequential(torch.nn.ReLU()), None, None)
 
 
 def _fsdp_cpu_offload():
@@ -127,3 +136,12 @@ def _fsdp_cpu_offload():
 
     cfg = config.load(None, ["dist.strategy=fsdp", "dist.cpu_offload=true", "train.device=cpu"])
     Sharded(cfg, Runtime(DistEnv("plain"), torch.device("cpu"), None), print)
+
+
+def _two_rank_strategy():
+    """The FSDP strategy as a rank of two sees it, before anything is sharded (no process group needed)."""
+    from launch.dist import DistEnv, Runtime
+    from launch.parallel.fsdp import Sharded
+
+    cfg = config.load(None, ["dist.strategy=fsdp", "train.device=cpu"])
+    return Sharded(cfg, Runtime(DistEnv("torchrun", 0, 0, 2, 2, "127.0.0.1", 1), torch.device("cpu"), None), print)

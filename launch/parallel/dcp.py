@@ -243,7 +243,9 @@ def load(model, optimizer, path: Path, rest: dict, rt: Runtime, ema=None) -> Non
     if has_ema:
         tensors["ema"] = {n: torch.zeros_like(t) for n, t in ema.state().items()}
     try:
-        dcp_load(tensors, storage_reader=_reader(path), planner=_planner(), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint: "assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load(tensors, storage_reader=_reader(path), planner=_planner(), no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except BaseException as e:  # CheckpointException derives from BaseException (a missing key, a size mismatch)
