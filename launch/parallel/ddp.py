@@ -37,12 +37,7 @@ class Replicated:
                 activation_checkpointing(b)
         if self.k == 1:
             return
-        layers = len(sync_bn.batchnorm_layers(bare))
-        if layers and self.cfg.dist.sync_batchnorm == "false":
-            self.say(sync_bn.note_without_sync(layers))
-        elif layers:
-            sync_bn.convert(bare)
-            self.global_bn = True
+        self.batch_statistics(bare)
         if not self.cfg.dist.find_unused_parameters:
             unused = unused_parameters(bare, task, *sample)
             if unused:
@@ -51,6 +46,15 @@ class Replicated:
                     f"{len(unused)} parameter(s) get no gradient from the loss ({shown}), which DDP cannot reduce: "
                     "set dist.find_unused_parameters=true (slower), or freeze them (requires_grad=False)"
                 )
+
+    def batch_statistics(self, bare: nn.Module) -> None:
+        """dist.sync_batchnorm: BatchNorm over the global micro-batch, or a note that the updates differ."""
+        layers = len(sync_bn.batchnorm_layers(bare))
+        if layers and self.cfg.dist.sync_batchnorm == "false":
+            self.say(sync_bn.note_without_sync(layers))
+        elif layers:
+            sync_bn.convert(bare)
+            self.global_bn = True
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.k == 1:

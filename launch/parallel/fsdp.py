@@ -27,7 +27,6 @@ from torch import nn
 from launch import checkpoint, state as state_mod
 from launch.errors import UserError
 from launch.model import clean_state_dict
-from launch.parallel import sync_bn
 from launch.parallel.blocks import activation_checkpointing, blocks
 from launch.parallel.ddp import Replicated
 
@@ -58,12 +57,7 @@ class Sharded(Replicated):
 
         if not any(p.requires_grad for p in bare.parameters()):
             raise UserError("dist.strategy=fsdp: the model has no trainable parameters to shard")
-        layers = len(sync_bn.batchnorm_layers(bare))
-        if layers and self.cfg.dist.sync_batchnorm == "false":
-            self.say(sync_bn.note_without_sync(layers))
-        elif layers:
-            sync_bn.convert(bare)
-            self.global_bn = True
+        self.batch_statistics(bare)
         d = self.cfg.dist
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         options = {
