@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch import integrity
+from launch import integrity, trackers
 from launch.errors import UserError
+from launch.trackers.pipe import Relay
 
 
 # TensorBoard tags for record fields; other numeric fields go under "other/".
@@ -22,27 +23,38 @@ TB_SKIP = ("epoch", "step", "world_size", "eval_samples", "elapsed_s")
 
 
 def tensorboard_writer_class():
-    """SummaryWriter, imported lazily; a one-line hint when the optional extra is missing.
-    Every rank calls this during setup so a missing package stops all of them alike."""
+    """SummaryWriter, imported lazily; a one-line hint when the optional extra is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard (or the [tensorboard] extra), or set log.tensorboard=false") from None
+        raise UserError("log.tracker=[tensorboard] (or log.tensorboard=true) needs the tensorboard package: pip install tensorboard (or the [tensorboard] extra), or leave it out") from None
     return SummaryWriter
 
 
-class MetricsLog:
-    """Appends one JSON object per record to <run dir>/metrics.jsonl (rank 0 only), and mirrors
-    its numbers as TensorBoard scalars under <run dir>/tb when asked (x axis: optimizer step)."""
+def check_trackers(names: list[str]) -> None:
+    """Every rank calls this during setup, before anything is written, so a tracker that cannot be
+    imported stops all of them alike with one line (exit 2)."""
+    if "tensorboard" in names:
+        tensorboard_writer_class()
+    trackers.check([n for n in names if n != "tensorboard"])
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, purge_step: int = 0):
+
+class MetricsLog:
+    """Appends one JSON object per record to <run dir>/metrics.jsonl (rank 0 only), mirrors its
+    numbers as TensorBoard scalars under <run dir>/tb, and hands each record to the other trackers'
+    relay (launch.trackers); x axis: the optimizer step."""
+
+    def __init__(self, run_dir: Path, enabled: bool, names=(), purge_step: int = 0, meta: Optional[dict] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.guard = None  # rank 0: False once the run directory was replaced (launch.rundir.RunLock.still_ours)
-        self.tb = None
-        if enabled and tensorboard:
+        self.tb = self.relay = None
+        if enabled and "tensorboard" in names:
             # purge_step drops events a resumed run will redo (as truncate_after does for metrics.jsonl).
             self.tb = tensorboard_writer_class()(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+        others = [n for n in names if n != "tensorboard"]
+        if enabled and others:
+            self.relay = Relay(run_dir, others, meta or {"name": Path(run_dir).name, "project": "", "config": {}})
 
     def truncate_after(self, step: int) -> Optional[str]:
         """On resume, drop records written after the checkpoint we resume from (they will be redone).
@@ -58,9 +70,12 @@ class MetricsLog:
             integrity.atomic_write(side, lambda f: f.write(b"".join(line + b"\n" for line in bad)), what="torn lines of")
             note = (f"{self.path}: {len(bad)} torn line(s) (a write cut short by a kill or a full disk) kept in {side.name}; "
                     f"continuing with its {len(good)} complete record(s)")
-        keep = b"".join(line + b"\n" for line, rec in good if rec.get("step", 0) <= step)
+        kept = [(line, rec) for line, rec in good if rec.get("step", 0) <= step]
+        keep = b"".join(line + b"\n" for line, _ in kept)
         if keep != raw:
             integrity.atomic_write(self.path, lambda f: f.write(keep), what="metrics log")
+        if self.relay is not None:  # what a tracker missed (it failed, or was added since) comes from here
+            self.relay.catch_up([rec for _, rec in kept])
         return note
 
     def write(self, record: dict) -> None:
@@ -75,10 +90,26 @@ class MetricsLog:
             for i, mb in enumerate(record.get("cuda_peak_mb", [])):
                 self.tb.add_scalar(f"resources/cuda_peak_mb/rank{i}", mb, record["step"])
             self.tb.flush()  # records are rare (epochs, log.every_steps): keep the files current
+        if self.relay is not None:
+            self.relay.send({"record": record})
 
-    def close(self) -> None:
+    def close(self, model: Optional[Path] = None) -> None:
+        """The run finished (`model`: model.pt, its final weights): wait for the trackers' finish, so
+        the job ends with their runs complete. Any other end (None: a stop, an error; called when the
+        run directory is let go, launch.rundir.RunLock) only ends the relay's input and leaves at once:
+        the other ranks are leaving too, and a launcher that sees them go takes down a rank that lingers.
+        The relay finishes the runs by itself; should it be killed with the job, the rerun logs again
+        whatever had not been finished (launch.trackers.relay)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.relay is None:
+            return
+        if self.guard is not None and not self.guard():
+            self.relay.abandon()  # the run directory is another job's now: nothing more goes into it
+        else:
+            self.relay.close(str(Path(model).resolve()) if model is not None else None, wait=model is not None)
+        self.relay = None
 
 
 def _append(path: Path, line: bytes) -> None:

@@ -22,7 +22,7 @@ from launch.dist import Runtime, print0, rank_table, save_barrier
 from launch.ema import EMA
 from launch.errors import UserError
 from launch.faults import Faults
-from launch.logger import MetricsLog, read_metrics, tensorboard_writer_class
+from launch.logger import MetricsLog, check_trackers, read_metrics
 from launch.model import build_model
 from launch.optim import make_optimizer, make_scaler, make_scheduler
 from launch.profiling import make_profiler
@@ -84,8 +84,7 @@ class Run:
         return self.lock is not None and not self.lock.still_ours()
 
     def finish(self, record: dict) -> dict:
-        """After the last epoch: the final weights, prefix-free, as model.pt."""
-        self.metrics.close()
+        """After the last epoch: the final weights, prefix-free, as model.pt; then the trackers close with its path."""
         if not record:  # resumed a finished run
             self.say(f"nothing to do: the run in {self.cfg.run_dir} is already complete at step {self.state.step} (ckpt.resume=never starts fresh)")
             done = read_metrics(self.cfg.run_dir)
@@ -101,6 +100,7 @@ class Run:
             checkpoint.save_weights(self.cfg.run_dir / "model.pt", weights)
             if averaged is not None:
                 checkpoint.save_weights(self.cfg.run_dir / "model_ema.pt", averaged)
+        self.metrics.close(self.cfg.run_dir / "model.pt")
         return record
 
 
@@ -149,8 +149,8 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
     if graph_note:
         say(graph_note)
     run.resources = ResourceMeter(rt)
-    # the norm at each epoch's last optimizer step, for TensorBoard (rank 0 alone: whole gradients only)
-    if cfg.log.tensorboard and rt.env.is_main and run.steps_per_epoch and not run.strategy.lockstep_forward:
+    # the norm at each epoch's last optimizer step, for the trackers (rank 0 alone: whole gradients only)
+    if cfg.log.trackers and rt.env.is_main and run.steps_per_epoch and not run.strategy.lockstep_forward:
         first_end = state.step + run.train_feed.steps_left(state.samples_in_epoch, cfg.train.accum_steps)
         run.grad_probe = GradNormProbe(optimizer, bare.parameters(), lambda: run.state.step, first_end)
     run.profiler = make_profiler(cfg, rt.env.rank, rt.device, say)
@@ -172,8 +172,7 @@ def _build(cfg, rt: Runtime):
         )
     if not data.eval.stream and len(data.eval) == 0:
         raise UserError("the evaluation set is empty")
-    if cfg.log.tensorboard:
-        tensorboard_writer_class()  # on every rank: a missing package stops them all alike
+    check_trackers(cfg.log.trackers)  # on every rank: a missing package stops them all alike
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
     task = Task(cfg, bare)
@@ -219,9 +218,11 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
         _prepare_run_dir(run, resumed_from, torn)
     save_barrier(rt)  # nobody reads the run directory while rank 0 rearranges it
     resumed = resumed_from is not None
-    run.metrics = MetricsLog(run_dir, rt.env.is_main, cfg.log.tensorboard, purge_step=run.state.step + 1 if resumed else 0)
+    meta = {"name": cfg.run.name, "project": cfg.log.project, "config": cfg.to_dict()}
+    run.metrics = MetricsLog(run_dir, rt.env.is_main, cfg.log.trackers, purge_step=run.state.step + 1 if resumed else 0, meta=meta)
     if run.lock is not None:  # a replaced run directory gets nothing more from this job (agreements stop it)
         run.metrics.guard = run.stop.guard = run.lock.still_ours
+        run.lock.before_release.append(run.metrics.close)  # however the job ends, its trackers finish before the next job can start
     torn_lines = run.metrics.truncate_after(run.state.step if resumed else -1)
     if torn_lines:
         say(torn_lines)

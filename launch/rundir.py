@@ -35,7 +35,8 @@ except ImportError:  # Windows
 LOCK_NAME = ".lock"
 # What a run writes into its directory (ckpt.resume=never moves these, and only these: run.dir may
 # be a folder that holds other things too).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "model.pt", "model.manifest.json", "checkpoints", "tb", "profile", "curves.png")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "model.pt", "model.manifest.json", "checkpoints", "tb", "profile", "curves.png",
+             "trackers.json", "trackers.log", "wandb", "mlflow.db", "mlartifacts")  # the trackers: launch.trackers
 RUN_PATTERNS = ("config.yaml.*", "metrics.jsonl.*", "model.pt.*", "model.manifest.json.*", "checkpoints.old-*")
 _held_fds: set[int] = set()  # closed in forked children (DataLoader workers) so only this process holds the lock
 
@@ -93,6 +94,7 @@ class RunLock:
 
     def __init__(self, fd: Optional[int] = None, path: Optional[Path] = None):
         self.fd, self.path = fd, path
+        self.before_release: list = []  # called first, however the job ends (the trackers' finish: launch.logger)
 
     def still_ours(self) -> bool:
         """False once the run directory was removed or replaced under this job: its lock file is gone,
@@ -108,6 +110,8 @@ class RunLock:
         return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
+        while self.before_release:
+            self.before_release.pop()()
         if self.fd is not None:
             _held_fds.discard(self.fd)
             os.close(self.fd)  # closing the only descriptor drops the flock

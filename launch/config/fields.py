@@ -215,12 +215,21 @@ class LogConfig:
     """tqdm progress bar on rank 0: 'auto' (when stderr is a terminal), 'true' or 'false'."""
     every_steps: int = 0
     """Also write a metrics.jsonl record every this many optimizer steps (0: per epoch only)."""
+    tracker: list[str] = field(default_factory=list)
+    """Experiment trackers that get rank 0's records (x axis: the optimizer step), the resolved config and model.pt's path: any of 'tensorboard' (scalars in <run dir>/tb), 'wandb' (W&B; WANDB_MODE=offline writes under <run dir>/wandb), 'mlflow' (MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db), or an import path 'pkg.module:Class' (your own). Their run ids are kept in <run dir>/trackers.json, so a rerun, restart or requeue continues the same runs. Needs the matching extra: .[tensorboard], .[wandb], .[mlflow]."""
     tensorboard: bool = False
-    """Write TensorBoard scalars to <run dir>/tb (needs the 'tensorboard' extra)."""
+    """Same as adding 'tensorboard' to log.tracker (kept for existing configs)."""
+    project: str = ""
+    """W&B project and MLflow experiment. Empty: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME when set, else 'launch'."""
     profile_steps: str = ""
     """Profile optimizer steps START:END (1-based, END inclusive) with torch.profiler on every rank into <run dir>/profile/ (TensorBoard/Perfetto traces); empty: off."""
     debug: bool = False
     """Show full tracebacks for errors in user code (model.name, data.name, train.loss), not only the one-line summary."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """log.tracker with log.tensorboard folded in, each name once, in the given order."""
+        return list(dict.fromkeys(self.tracker + (["tensorboard"] if self.tensorboard else [])))
 
 
 @dataclass

@@ -5,6 +5,7 @@ type while they are read: launch.config.parse.)"""
 from __future__ import annotations
 
 from launch.errors import UserError
+from launch.trackers import TRACKERS
 
 BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist", "tokens")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
@@ -97,6 +98,9 @@ def _rest(di, c, lg) -> None:
         raise UserError("ckpt.resume: must be 'auto', 'never' or a checkpoint path, got ''")
     _positive("ckpt.barrier_timeout_s", c.barrier_timeout_s)
     _positive("log.every_steps", lg.every_steps, allow_zero=True)
+    for name in lg.tracker:
+        if name != "tensorboard" and name not in TRACKERS and ":" not in name:
+            raise UserError(f"log.tracker: unknown tracker '{name}': use tensorboard, {', '.join(TRACKERS)} or an import path 'pkg.module:Class'")
     if lg.profile_steps:
         profile_range(lg.profile_steps)
 

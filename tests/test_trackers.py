@@ -1,0 +1,251 @@
+"""Issue 19, point 1: experiment trackers (log.tracker) that survive stops, crashes and requeues.
+
+Real jobs, real tracker files: W&B offline (read back with wandb's own reader, `wandb leet inspect`)
+and MLflow's sqlite store (read back through its client). A tracker's run is continued across
+processes (its id in <run dir>/trackers.json), never duplicated, never given a step twice or a step
+that goes backwards; a tracker that is missing stops the job before anything is written; one that
+fails mid-run is one warning line and the run goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from launch.errors import UserError
+from launch.logger import read_metrics
+from tests.helpers import PY, ROOT, output, run, single, spawn
+
+FAST = ["log.every_steps=4", "train.check_every_steps=1"]  # 12 steps per epoch at --nproc 2: a step record at each epoch's end too
+
+
+def _have(*names) -> bool:
+    try:
+        for name in names:
+            __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+needs_wandb = pytest.mark.skipif(not _have("wandb"), reason="wandb not installed (the [wandb] extra)")
+needs_mlflow = pytest.mark.skipif(not _have("mlflow", "sqlalchemy", "alembic"), reason="mlflow-skinny, sqlalchemy, alembic not installed (the [mlflow] extra)")
+
+
+def wandb_segments(run_dir) -> list[list[dict]]:
+    """The records of each process's W&B offline directory, oldest first, read by wandb's own reader."""
+    segments = []
+    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log,) = d.glob("run-*.wandb")
+        p = subprocess.run([PY, "-m", "wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        segments.append([json.loads(line) for line in p.stdout.splitlines() if line.strip()])
+    return segments
+
+
+def mlflow_client(run_dir):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+
+
+def per_key(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as each tracker should have it: per field, (step, value) once per step."""
+    out: dict[str, list] = {}
+    for rec in records:
+        for key, value in rec.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                seen = out.setdefault(key, [])
+                if not seen or seen[-1][0] != rec["step"]:
+                    seen.append((rec["step"], float(value)))
+    return out
+
+
+def relays_of(run_dir) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if "launch.trackers.relay" in (p.info["cmdline"] or []) and str(run_dir) in p.info["cmdline"]]
+
+
+# --------------------------------------------------------------------------- stop, crash, rerun
+
+
+@needs_wandb
+@needs_mlflow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the MLflow client's own, on sqlalchemy 2.1
+def test_stop_crash_and_rerun_continue_one_tracker_run_each(tmp_path):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "log.tracker=[wandb,mlflow]"]
+    env = {"WANDB_MODE": "offline"}
+    p = spawn(2, run_dir, *args, LAUNCH_FAULT="stop:step=14", **env)  # a stop mid-epoch 1 (exit 75), as a requeue's SIGTERM
+    assert p.returncode == 75, output(p)
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    p = spawn(2, run_dir, *args, LAUNCH_FAULT="raise:step=22:rank=0", **env)  # logs 16 and 20, then crashes: the rerun redoes them from 14
+    assert p.returncode == 1, output(p)
+    p = spawn(2, run_dir, *args, **env)
+    assert p.returncode == 0, output(p)
+    assert not relays_of(run_dir), "the job ended before its relay finished"
+    state = json.loads((run_dir / "trackers.json").read_text())
+    assert {n: state[n]["id"] for n in state} == {n: ids[n]["id"] for n in ids}  # the same runs, continued
+    assert state["wandb"]["status"] == state["mlflow"]["status"] == "finished"
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == [4, 8, 12, 12, 16, 20, 24, 24], steps  # step and epoch records, 16 and 20 computed twice, written once
+    want = per_key(records)
+
+    # W&B: one run (every process's directory has the same id), one row per record, in order.
+    segments = wandb_segments(run_dir)
+    assert len(segments) == 3 and {s[1]["run"]["run_id"] for s in segments} == {state["wandb"]["id"]}
+    rows = [r["history"]["item"] for s in segments for r in s if r["type"] == "history"]
+    assert [r["step"] for r in rows] == steps
+    assert [r["_step"] for r in rows] == list(range(len(rows)))  # W&B's own row counter never repeats
+    got: dict[str, list] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("_") and key != "step":
+                got.setdefault(key, []).append((row["step"], float(value)))
+    assert got == want
+    exits = [[r["exit"]["exit_code"] for r in s if r["type"] == "exit"] for s in segments]
+    assert exits == [[1], [1], [0]], exits  # stopped, crashed (closed by the relay all the same), finished
+    last = segments[-1]
+    assert any(r["type"] == "summary" and r["summary"]["update"].get("model_path") == str((run_dir / "model.pt").resolve()) for r in last)
+    config = [r for s in segments for r in s if r["type"] == "config"]
+    assert config and "train" in json.dumps(config[0])
+
+    # MLflow: one run, FINISHED, every field's history strictly increasing and equal to metrics.jsonl.
+    client = mlflow_client(run_dir)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "launch"]
+    (mrun,) = client.search_runs([experiment.experiment_id])
+    assert mrun.info.run_id == state["mlflow"]["id"] and mrun.info.status == "FINISHED"
+    assert mrun.data.tags["model_path"] == str((run_dir / "model.pt").resolve())
+    assert mrun.data.params["train.epochs"] == "2" and mrun.data.params["log.tracker"] == '["wandb", "mlflow"]'
+    assert set(mrun.data.metrics) == set(want)
+    for key, points in want.items():
+        history = sorted(client.get_metric_history(mrun.info.run_id, key), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == points, key
+
+
+# --------------------------------------------------------------------------- missing, failing
+
+
+HIDE_WANDB = """import sys
+class _Hide:  # as if wandb were not installed: no import system finds it
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "wandb":
+            raise ModuleNotFoundError(f"No module named '{name}'")
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+def test_a_missing_tracker_is_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_WANDB)  # in every process of the job, the spawned ranks too
+    run_dir = tmp_path / "r"
+    p = spawn(2, run_dir, "log.tracker=[wandb]", PYTHONPATH=f"{tmp_path / 'hide'}:{ROOT}")
+    assert p.returncode == 2, output(p)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: log.tracker: wandb") and "pip install wandb" in lines[0], output(p)
+    assert not run_dir.exists()
+
+
+def test_mlflow_asks_for_its_sqlite_store_and_unknown_names_are_refused(monkeypatch):
+    from launch import config, trackers
+
+    if not _have("mlflow"):
+        pytest.skip("mlflow not installed (the [mlflow] extra)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # import sqlalchemy now fails, as without the package
+    with pytest.raises(UserError, match=r"log.tracker: mlflow .*sqlalchemy.*\[mlflow\] extra"):
+        trackers.check(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    trackers.check(["mlflow"])  # a tracking server needs no database packages here
+    with pytest.raises(UserError, match="unknown tracker 'wandbb'"):
+        config.load(None, ["log.tracker=[wandbb]"])
+    assert config.load(None, ["log.tensorboard=true", "log.tracker=[wandb,tensorboard]"]).log.trackers == ["wandb", "tensorboard"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_mlflow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "data.batch_size=32", "log.tracker=[mlflow,tests.user_trackers:Recorder]"]
+    # MLflow's server is gone (nothing listens there) and the recorder's disk is full from step 10.
+    gone = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "RECORDER_FAIL_AT": "10"}
+    p = single(run_dir, *args, LAUNCH_FAULT="stop:step=20", **gone)
+    assert p.returncode == 75, output(p)
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: tracker")]
+    assert len(warnings) == 2, output(p)
+    assert "tracker mlflow failed while opening its run" in warnings[0] + warnings[1]
+    assert any("tracker tests.user_trackers:Recorder failed at step 12 (OSError: [Errno 28] No space left" in w for w in warnings), warnings
+    assert [r["step"] for r in read_metrics(run_dir)] == [4, 8, 12, 12, 16]  # metrics.jsonl unaffected (a stop at 20 comes before its record)
+    # The rerun, with both working again: each catches up from metrics.jsonl and goes on; nothing twice.
+    p = single(run_dir, *args)
+    assert p.returncode == 0 and "warning" not in p.stderr, output(p)
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    recorded = [json.loads(line) for line in (run_dir / "recorder.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recorded if "step" in r] == steps
+    assert [r["finish"] for r in recorded if "finish" in r] == ["finished"]  # the failed one got no more calls
+    client = mlflow_client(run_dir)
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train_loss")] == [12, 24]
+
+
+# --------------------------------------------------------------------------- the relay in process
+
+
+def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path):
+    """The rules on their own: a step's second record adds only what it lacks; after a restart,
+    records at or before the last logged step are skipped (a recomputed record), new ones go on."""
+    from launch.trackers import relay
+
+    meta = {"name": "t", "project": "", "config": {"train": {"lr": 0.1}}}
+    opening = json.dumps({"open": {"names": ["tests.user_trackers:Recorder"], "meta": meta}})
+
+    def feed(*records, end=None):
+        lines = [opening, *(json.dumps({"record": r}) for r in records)] + ([json.dumps({"end": end})] if end else [])
+        out, err = io.StringIO(), io.StringIO()
+        relay.serve(tmp_path, iter(lines), out, err)
+        assert err.getvalue() == ""
+        return out.getvalue()
+
+    feed({"step": 4, "lr": 0.1, "train_loss_step": 1.0}, {"step": 4, "lr": 0.1, "train_loss": 0.9, "cuda_peak_mb": [10, 20]}, {"step": 8, "lr": 0.1})
+    said = feed({"step": 4, "lr": 0.1}, {"step": 8, "lr": 0.1, "eval_loss": 2.0}, {"step": 12, "lr": 0.2, "ok": True}, end="/x/model.pt")
+    assert "continuing after step 8" in said
+    got = [json.loads(line) for line in (tmp_path / "recorder.jsonl").read_text().splitlines()]
+    assert got == [
+        {"open": None, "lr": 0.1},
+        {"step": 4, "numbers": {"lr": 0.1, "train_loss_step": 1.0}},
+        {"step": 4, "numbers": {"train_loss": 0.9, "cuda_peak_mb/rank0": 10, "cuda_peak_mb/rank1": 20}},
+        {"step": 8, "numbers": {"lr": 0.1}},
+        {"finish": "failed", "model": None},  # the pipe ended without an end
+        {"open": "rec-1", "lr": 0.1},
+        {"step": 8, "numbers": {"eval_loss": 2.0}},
+        {"step": 12, "numbers": {"lr": 0.2}},
+        {"finish": "finished", "model": "/x/model.pt"},
+    ]
+    state = json.loads((tmp_path / "trackers.json").read_text())["tests.user_trackers:Recorder"]
+    assert state["step"] == 12 and state["status"] == "finished"
+
+
+def test_a_fresh_start_moves_the_tracker_runs_aside_with_the_rest(tmp_path):
+    """ckpt.resume=never: trackers.json, wandb/ and mlflow.db go with the previous run, so the new
+    run opens new tracker runs instead of continuing (and skipping the steps of) the old ones."""
+    from launch import rundir
+
+    for name in ("trackers.json", "trackers.log", "mlflow.db", "metrics.jsonl"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / ".trackers.lock").write_text("")
+    moved = rundir.move_previous_run(tmp_path)
+    assert sorted(p.name for p in moved.iterdir()) == ["metrics.jsonl", "mlflow.db", "trackers.json", "trackers.log", "wandb"]
+    assert (tmp_path / ".trackers.lock").exists()  # the relays' turn-taking stays with the directory
