@@ -38,6 +38,9 @@ def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
     for peer, state in peer_run["peers"].items():
         assert (peer in peer_run["loops"]) == (state != "not installed" and not state.startswith("failed")), (peer, state)
     assert "### Peers" in md
+    order = res["data"]["order"]
+    assert "### Data path" in md and order["ours"]["added_mb"] < order["whole_epoch_lists"]["added_mb"]
+    assert "memory" not in res  # --quick leaves it out (tests/test_bench.py::test_memory_section_...)
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "bench.png").stat().st_size > 1000
 

@@ -79,7 +79,7 @@ def order_memory(n: int) -> dict:
 
 
 def data_section(quick: bool, reps: int, say) -> dict:
-    n = 1_000_000 if quick else 20_000_000
+    n = 200_000 if quick else 20_000_000
     say(f"data: per-sample seeding cost; epoch order memory at {n:,} samples")
     return {"seeding": seeding_cost(2 if quick else reps, 2000 if quick else 20000), "order": order_memory(n)}
 
