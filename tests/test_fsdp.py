@@ -26,37 +26,40 @@ GPT = ["model.name=launch.examples.sums_lm:TinyGPT", "model.kwargs={seq_len: 9, 
 FSDP = ["dist.strategy=fsdp"]
 
 
+RUNS = {"fsdp2": (2, 24, [*FSDP, "ckpt.every_steps=2"]), "fsdp3": (3, 16, FSDP), "ddp2": (2, 24, [])}
+
+
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    d = tmp_path_factory.mktemp("one")
-    result, w, _ = train_inproc(d, *GPT, "data.batch_size=48")
-    return result, w
+def runs(tmp_path_factory):
+    """One process at batch 48 (in this process), and FSDP(2), FSDP(3), DDP(2) at the same global batch."""
+    base = tmp_path_factory.mktemp("fsdp")
+    one, w1, _ = train_inproc(base / "one", *GPT, "data.batch_size=48")
+    for name, (k, b, extra) in RUNS.items():
+        p = spawn(k, base / name, *GPT, f"data.batch_size={b}", *extra)
+        assert p.returncode == 0, output(p)
+    return base, one, w1
 
 
-def test_fsdp_at_2_and_3_ranks_equals_one_process_and_ddp(one_process, tmp_path):
+def test_fsdp_at_2_and_3_ranks_equals_one_process_and_ddp(runs):
     """Accumulation (set_requires_gradient_sync), clipping by the global norm over shards, the uneven
     last step and the global-count loss weighting: FSDP(k) at batch 48/k is one process at 48."""
-    one, w1 = one_process
-    runs = {"fsdp2": (2, 24, FSDP), "fsdp3": (3, 16, FSDP), "ddp2": (2, 24, [])}
-    for name, (k, b, extra) in runs.items():
-        p = spawn(k, tmp_path / name, *GPT, f"data.batch_size={b}", *extra)
-        assert p.returncode == 0, output(p)
-    w = {name: torch.load(tmp_path / name / "model.pt", weights_only=True) for name in runs}
+    base, one, w1 = runs
+    w = {name: torch.load(base / name / "model.pt", weights_only=True) for name in RUNS}
     assert max_diff(w1, w["fsdp2"]) <= 1e-6 and max_diff(w1, w["fsdp3"]) <= 1e-6
     assert max_diff(w["ddp2"], w["fsdp2"]) <= 1e-7
-    rec = read_metrics(tmp_path / "fsdp3")[-1]
+    rec = read_metrics(base / "fsdp3")[-1]
     assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6) and rec["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-9)
     assert rec["eval_samples"] == 101  # lockstep evaluation: stand-in batches add nothing
-    sharded = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path / "fsdp3").iterdir())
+    sharded = sorted(p.name for p in checkpoint.checkpoint_dir(base / "fsdp3").iterdir())
     assert "step_00000010.dcp" in sharded and "step_00000010.manifest.json" in sharded
 
 
-def test_fsdp_resumes_bitwise_and_reshards_to_another_world_size(tmp_path):
-    """Stopped mid-epoch (periodic saves written in the background, ckpt.async_save) and rerun: bitwise.
-    The same checkpoint continued by 3 ranks at the same global batch: the exact sample, the same steps."""
+def test_fsdp_resumes_bitwise_and_reshards_to_another_world_size(runs, tmp_path):
+    """Stopped mid-epoch (periodic saves written in the background, ckpt.async_save) and rerun: bitwise
+    the uninterrupted run with synchronous saves. The same checkpoint continued by 3 ranks at the same
+    global batch: the exact sample, the same steps."""
     common = [*GPT, *FSDP, "data.batch_size=24", "ckpt.every_steps=2", "ckpt.async_save=true"]
-    ref = spawn(2, tmp_path / "ref", *common)
-    assert ref.returncode == 0, output(ref)
+    shutil.copytree(runs[0] / "fsdp2", tmp_path / "ref")
     stopped = spawn(2, tmp_path / "run", *common, LAUNCH_FAULT="stop:step=6")
     assert stopped.returncode == 75 and "stopped by SIGTERM at step 6" in stopped.stderr, output(stopped)
     shutil.copytree(tmp_path / "run", tmp_path / "three")
@@ -70,15 +73,14 @@ def test_fsdp_resumes_bitwise_and_reshards_to_another_world_size(tmp_path):
     assert max_diff(a, torch.load(tmp_path / "three" / "model.pt", weights_only=True)) <= 1e-6
 
 
-def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(tmp_path):
-    p = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "train.epochs=2")
-    assert p.returncode == 0, output(p)
+def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(runs, tmp_path):
+    shutil.copytree(runs[0] / "fsdp2", tmp_path / "run")  # checkpoints every 2 steps, 5 steps an epoch, the last 3 kept
     ckdir = checkpoint.checkpoint_dir(tmp_path / "run")
-    assert checkpoint.read_latest(ckdir) == "step_00000010.dcp"  # 5 steps an epoch
+    assert checkpoint.read_latest(ckdir) == "step_00000010.dcp"
     # a planted payload: .metadata that would run a command when unpickled
     marker = tmp_path / "pwned"
     planted = tmp_path / "planted.dcp"
-    shutil.copytree(ckdir / "step_00000005.dcp", planted)
+    shutil.copytree(ckdir / "step_00000008.dcp", planted)
     (planted / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
     # ... with a manifest that matches it (a checkpoint from elsewhere comes with its own)
     files = {f"{planted.name}/{f.name}": {"bytes": f.stat().st_size, "sha256": integrity.sha256_file(f)} for f in planted.iterdir()}
@@ -86,19 +88,19 @@ def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(t
     e = run([PY, "-m", "launch", "export", str(planted), "-o", str(tmp_path / "x.pt")])
     assert e.returncode == 2 and "refused: its .metadata holds a pickled Python object (posix.system)" in e.stderr, output(e)
     assert not marker.exists() and len(e.stderr.strip().splitlines()) == 1
-    # one shard of the newest checkpoint lost: the rerun says so, falls back and trains on
-    (ckdir / "step_00000010.dcp" / "__1_0.distcp").unlink()
-    again = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "train.epochs=3")
-    assert again.returncode == 0, output(again)
-    assert "__1_0.distcp: listed in step_00000010.manifest.json but unreadable" in again.stdout and "resumed from" in again.stdout and "step_00000005.dcp" in again.stdout, output(again)
-    assert list(ckdir.glob("step_00000010.dcp.corrupt-*")), "the torn checkpoint is kept aside"
     # a sharded checkpoint of another model: one line, not DCP's exception (checked in this process)
     from launch.examples.sums_lm import TinyGPT
     from launch.parallel import dcp
 
     other = TinyGPT(seq_len=9, d_model=16, n_heads=2)
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
-        dcp.load(other, torch.optim.SGD(other.parameters(), lr=0.1), ckdir / "step_00000005.dcp", checkpoint.load(ckdir / "step_00000005.dcp"), None)
+        dcp.load(other, torch.optim.SGD(other.parameters(), lr=0.1), ckdir / "step_00000008.dcp", checkpoint.load(ckdir / "step_00000008.dcp"), None)
+    # one shard of the newest checkpoint lost: the rerun says so, falls back and trains on
+    (ckdir / "step_00000010.dcp" / "__1_0.distcp").unlink()
+    again = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "ckpt.every_steps=2", "train.epochs=3")
+    assert again.returncode == 0, output(again)
+    assert "__1_0.distcp: listed in step_00000010.manifest.json but unreadable" in again.stdout and "resumed from" in again.stdout and "step_00000008.dcp" in again.stdout, output(again)
+    assert list(ckdir.glob("step_00000010.dcp.corrupt-*")), "the torn checkpoint is kept aside"
     # export and predict read a sharded checkpoint whole
     x = run([PY, "-m", "launch", "export", str(tmp_path / "run")])
     assert x.returncode == 0, output(x)

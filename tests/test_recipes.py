@@ -5,13 +5,18 @@ missing; tests/test_models.py covers the same shapes with stand-ins that always 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 
 import pytest
 import torch
 
+from launch import config
+from launch.dist import DistEnv, setup
 from launch.logger import read_metrics
+from launch.loop import train
 from tests.helpers import PY, output, run
 from tests.test_models import max_diff, spawn, train_inproc
 
@@ -57,8 +62,11 @@ def test_hugging_face_gpt2_from_its_config_class_ddp_equals_one_process(tmp_path
     """transformers' GPT2LMHeadModel(config=GPT2Config(...)), its CausalLMOutput read by .logits. SGD:
     AdamW amplifies rounding in GPT-2's key biases (zero gradient in exact arithmetic; see README)."""
     short = ["train.epochs=1", "data.kwargs.n=1024", "data.kwargs.n_eval=256", "train.optimizer=sgd", "train.lr=0.3", "train.schedule=constant", "train.warmup_steps=0"]
-    one = recipe("hf_gpt2", tmp_path / "one", *short)
-    assert one.returncode == 0 and "model output: the 'logits' of its CausalLMOutputWithCrossAttentions" in one.stdout, output(one)
+    cfg = config.load("configs/hf_gpt2.yaml", [f"run.dir={tmp_path / 'one'}", "train.device=cpu", *short])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the one process in this process: a subprocess less
+        train(cfg, setup(cfg, DistEnv("plain")))
+    assert "model output: the 'logits' of its CausalLMOutputWithCrossAttentions" in out.getvalue()
     two = recipe("hf_gpt2", tmp_path / "two", *short, "data.batch_size=32", launcher=(PY, "train_ddp.py", "--nproc", "2"))
     assert two.returncode == 0, output(two)
     w1, w2 = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))

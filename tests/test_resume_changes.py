@@ -16,7 +16,8 @@ from launch.dist import DistEnv, setup
 from launch.errors import EXIT_NONFINITE, UserError
 from launch.logger import read_metrics
 from launch.loop import train
-from tests.helpers import PY, ROOT, SMALL, env, output, spawn
+from launch.stopping import Stopped
+from tests.helpers import PY, ROOT, SMALL, env
 from tests.test_failures import wait_for_step
 
 
@@ -33,15 +34,17 @@ def final_state(run_dir) -> dict:
     return checkpoint.load(ckdir / checkpoint.read_latest(ckdir))
 
 
-def test_after_a_nan_a_lower_lr_resumes_from_the_last_good_checkpoint_and_is_used(tmp_path):
+def test_after_a_nan_a_lower_lr_resumes_from_the_last_good_checkpoint_and_is_used(tmp_path, monkeypatch):
     """The exit-3 advice, followed: lower the LR and rerun."""
-    p = spawn(2, tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", LAUNCH_FAULT="nan:step=6")
-    assert p.returncode == EXIT_NONFINITE and "lower train.lr" in p.stderr, output(p)
-    again = spawn(2, tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", "train.lr=0.05")
-    assert again.returncode == 0, output(again)
-    assert "resumed from" in again.stdout and "(epoch 0, step 4)" in again.stdout, output(again)
-    assert "changed on resume at step 4: train.lr 0.1 -> 0.05" in again.stdout
-    assert "the learning rate at step 4 is now 0.05 (was 0.1)" in again.stdout
+    monkeypatch.setenv("LAUNCH_FAULT", "nan:step=6")
+    with pytest.raises(Stopped) as e:
+        train_inproc(tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4")
+    assert e.value.code == EXIT_NONFINITE and "lower train.lr" in str(e.value)
+    monkeypatch.delenv("LAUNCH_FAULT")
+    _, out = train_inproc(tmp_path, "ckpt.every_steps=4", "train.check_every_steps=4", "train.lr=0.05")
+    assert "resumed from" in out and "(epoch 0, step 4)" in out, out
+    assert "changed on resume at step 4: train.lr 0.1 -> 0.05" in out
+    assert "the learning rate at step 4 is now 0.05 (was 0.1)" in out
     state = final_state(tmp_path)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.05] and state["config"]["train"]["lr"] == 0.05
     assert all(r["lr"] == 0.05 for r in read_metrics(tmp_path))
