@@ -2,10 +2,10 @@
 
 AUROC is the Mann-Whitney statistic: the probability that a positive scores above a negative, ties
 counting one half, computed from average ranks in float64 (rank sums stay exact integers or halves
-up to 2**53, about 10**8 elements); the scores are ranked as given (float32), never rounded first. It equals the area under the trapezoidal ROC curve that
-scikit-learn draws, without thresholds or binning. Written here rather than taken from torchmetrics:
-torchmetrics 1.9 returns float32 values and counts a class without positives as AUROC 0 in its macro
-average; see docs/data.md ("Metrics") for the comparison.
+up to 2**53, about 10**8 elements); the scores are ranked as given (float32), never rounded first.
+It equals the area under the trapezoidal ROC curve that scikit-learn draws, without thresholds or
+binning. Written here rather than taken from torchmetrics: torchmetrics 1.9 returns float32 values
+and counts a class without positives as AUROC 0 in its macro average; see docs/data.md ("Metrics").
 """
 
 from __future__ import annotations
