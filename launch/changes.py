@@ -22,7 +22,7 @@ from launch import integrity
 
 AS_GIVEN = (
     "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.max_steps", "train.device", "train.check_every_steps",
-    "train.cuda_graphs", "train.compile", "train.compile_mode", "data.num_workers", "data.pin_memory",
+    "train.cuda_graphs", "train.compile", "train.compile_mode", "train.metrics", "data.num_workers", "data.pin_memory",
     "data.eval_batch_size", "data.eval_max_samples", "data.path", "data.val_path",
 )
 APPLIED = (

@@ -1,4 +1,5 @@
-"""Exact distributed evaluation: each sample on one rank, float64 sums and counts all-reduced, divided once."""
+"""Exact distributed evaluation: each sample on one rank, float64 sums and counts all-reduced, divided once;
+metrics that need every prediction gathered onto rank 0 in sample order (launch.metrics, launch.gather)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,37 @@ from launch.task import Task
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, feeder: Feeder, rt: Runtime, cfg, lockstep: bool = False) -> dict:
-    """{'eval_loss', 'eval_samples'} and, for classification losses, 'eval_accuracy' (per element:
-    per token for sequences, ignored targets left out). `model` must be the bare module (no DDP
-    forward, so no hidden collectives). With `lockstep` (a sharded model: every forward gathers
-    parameters from all ranks) the ranks agree before each batch whether anyone has one left, and a
-    rank that has run out runs a stand-in batch whose sums it drops."""
+    """{'eval_loss', then 'eval_<metric>' for each of train.metrics that applies (launch.metrics;
+    by default 'eval_accuracy' for classification losses, per element: per token for sequences,
+    ignored targets left out), 'eval_samples'}. `model` must be the bare module (no DDP forward, so
+    no hidden collectives). With `lockstep` (a sharded model: every forward gathers parameters from
+    all ranks) the ranks agree before each batch whether anyone has one left, and a rank that has run
+    out runs a stand-in batch whose sums and predictions it drops."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss sum, elements, correct, samples
+    metrics = task.metrics
+    if not metrics.fitted:  # a caller that skipped the start-up check (launch predict): check on one batch
+        task.check(model, *feeder.sample_batch())
+    tally = metrics.tally(rt.env.rank, rt.env.world_size)
+    # loss sum, elements, samples, then the metrics' sums: one all-reduce for all of them
+    totals = torch.zeros(3 + tally.width, dtype=torch.float64, device=rt.device)
+    seen, wants_view = 0, bool(metrics.active)
     for inputs, target, real in _batches(feeder, rt, lockstep):
         with autocast_context(cfg, rt.device):
-            sums = task.eval_sums(model, inputs, target)
+            sums, view = task.eval_sums(model, inputs, target, wants_view)
         if real:
-            totals[:3] += sums
-            totals[3] += target.shape[0]
+            totals[:2] += sums
+            totals[2] += target.shape[0]
+            if view is not None:
+                extra = tally.add(view, seen)
+                if extra is not None:
+                    totals[3:] += extra
+            seen += target.shape[0]
     all_reduce_sum(totals, rt)
     model.train(was_training)
-    loss_sum, count, correct, samples = totals.tolist()
+    loss_sum, count, samples = totals[:3].tolist()
     out = {"eval_loss": loss_sum / count if count else float("nan")}
-    if task.classification:
-        out["eval_accuracy"] = correct / count if count else float("nan")
+    out.update(tally.values(totals[3:] if tally.width else None, rt))
     out["eval_samples"] = int(samples)
     return out
 

@@ -174,6 +174,7 @@ def epoch_line(rec: dict) -> str:
         f"epoch {rec['epoch']:>3} | step {rec['step']:>6} | train_loss {rec['train_loss']:.4f} | "
         f"eval_loss {rec['eval_loss']:.4f} | "
         + (f"eval_acc {rec['eval_accuracy']:.4f} | " if "eval_accuracy" in rec else "")
+        + "".join(f"{k} {v:.4f} | " for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float) and k not in ("eval_loss", "eval_accuracy", "eval_samples"))
         + f"{rec['samples_per_s']:.0f} samples/s | {rec['elapsed_s']:.1f}s"
         + (f" | rss {rec['rss_mb']:.0f} MB | cpu {rec['cpu_percent']:.0f}%" if "rss_mb" in rec else "")
         + (f" | cuda peak {max(rec['cuda_peak_mb']):.0f} MB" if rec.get("cuda_peak_mb") else "")

@@ -26,6 +26,7 @@ from torch import nn
 from launch import losses
 from launch.data.types import Split, call_model, model_output
 from launch.errors import UserError
+from launch.metrics import Metrics, View
 from launch.user_code import call, import_object
 
 BUILTIN = ("cross_entropy", "mse", "l1", "bce_with_logits")
@@ -35,6 +36,10 @@ _ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "bce_with_logits": F.binary_
 
 def _shape(t) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def _pair(loss_sum, count, device) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(loss_sum).double(), torch.as_tensor(count).double()]).to(device)
 
 
 def class_layout(output: torch.Tensor, target: torch.Tensor):
@@ -63,6 +68,7 @@ class Task:
         self.ignore_index = cfg.train.ignore_index
         self.debug = cfg.log.debug
         self.classification = self.kind in CLASSIFICATION
+        self.metrics = Metrics(cfg.train.metrics, self.classification, self.debug)  # imports import-path metrics: a failure is one line at start
         self.static = False  # set by decide_counts
         self.per_sample = 1  # target elements per sample (static counts)
         self.classes = None  # cross_entropy: the model's number of classes, seen by check()
@@ -92,52 +98,94 @@ class Task:
 
     # ------------------------------------------------------------------ evaluation
 
-    def eval_sums(self, model: nn.Module, inputs, target) -> torch.Tensor:
-        """[loss sum, element count, correct] in float64 for one batch (correct is 0 without accuracy)."""
-        if self.kind in ("model", "output"):
-            s, c = model.loss((inputs, target)) if self.kind == "model" else self.own.sum_and_count(model, inputs, target)
-            return torch.stack([torch.as_tensor(s).double(), torch.as_tensor(c).double(), torch.zeros((), dtype=torch.float64)]).to(target.device)
+    def eval_sums(self, model: nn.Module, inputs, target, view: bool = False):
+        """([loss sum, element count] in float64 for one batch, and the batch's predictions as the
+        metrics read them: a launch.metrics.View when `view`, else None)."""
+        if self.kind == "model":
+            s, c = model.loss((inputs, target))
+            return _pair(s, c, target.device), None
+        if self.kind == "output":
+            seen = []  # the forward's output, for import-path metrics: one forward gives loss and predictions
+
+            def forward(*args, **kwargs):
+                seen.append(model(*args, **kwargs))
+                return seen[-1]
+
+            s, c = self.own.sum_and_count(forward, inputs, target)
+            return _pair(s, c, target.device), (self.view(seen[0], target) if view else None)
         raw = call_model(model, inputs)
         if self.kind == "function":
             per = self.fn(raw, target).double()
-            return torch.stack([per.sum(), per.new_tensor(float(per.numel())), per.new_zeros(())])
+            return torch.stack([per.sum(), per.new_tensor(float(per.numel()))]), (self.view(raw, target) if view else None)
         output = model_output(raw)[0]
         if self.kind == "cross_entropy":
             logits, labels = class_layout(output, target)
             per = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none").double()
-            valid = labels != self.ignore_index
-            correct = ((logits.argmax(dim=1) == labels) & valid).sum()
-            return torch.stack([per.sum(), valid.sum().double(), correct.double()])
-        per = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction="none").double()
-        correct = ((output > 0) == (target > 0.5)).sum().double() if self.kind == "bce_with_logits" else per.new_zeros(())
-        return torch.stack([per.sum(), per.new_tensor(float(per.numel())), correct])
+            sums = torch.stack([per.sum(), (labels != self.ignore_index).sum().double()])
+        else:
+            per = _ELEMENTWISE[self.kind](output.float(), target.to(torch.float32), reduction="none").double()
+            sums = torch.stack([per.sum(), per.new_tensor(float(per.numel()))])
+        return sums, (self.view(raw, target) if view else None)
+
+    def view(self, raw, target: torch.Tensor) -> View:
+        """The model's output read as the metrics need it: classes (cross_entropy, or a loss function
+        given integer targets that pair with the output as cross_entropy's do), binary decisions
+        (bce_with_logits), regression values (mse, l1, or a loss function given float targets of
+        the output's shape), or none (a model's own loss: import-path metrics only)."""
+        output, _ = model_output(raw)
+        pair = f"model output {_shape(output)} and target {_shape(target)}"
+        if self.kind in ("model", "output"):
+            return View(None, output, target, what=f"a model that computes its own loss (the launcher reads no predictions from {pair})")
+        layout = class_layout(output, target) if not (target.is_floating_point() or target.dtype == torch.bool) else None
+        if self.kind == "cross_entropy" or (self.kind == "function" and layout is not None and layout[0].shape[1] > 1):
+            logits, labels = layout
+            return View("class", output, target, logits, labels, labels != self.ignore_index, f"train.loss={self.name} ({pair}: classes)")
+        if self.kind == "bce_with_logits":
+            return View("binary", output, target, output.reshape(-1), target.reshape(-1) > 0.5, what=f"train.loss={self.name} ({pair}: binary decisions)")
+        if self.kind in _ELEMENTWISE or (target.is_floating_point() and output.shape == target.shape):
+            return View("regression", output, target, output.reshape(-1), target.reshape(-1), what=f"train.loss={self.name} ({pair}: regression values)")
+        return View(None, output, target, what=f"train.loss={self.name} with {pair} (neither classes nor values of the output's shape)")
 
     # ------------------------------------------------------------------ before training
 
     def check(self, model: nn.Module, inputs, target) -> None:
-        """Refuse a model/loss/data misfit in one line, before anything is written."""
-        where = f"train.loss={self.name}"
+        """Refuse a model/loss/data misfit, or a metric that does not fit the task, in one line, before anything is written."""
         was = model.training
         model.eval()  # no dropout: the check draws no random numbers
         try:
             with torch.no_grad():
-                if self.kind == "model":
-                    losses.check_method_sums(model, inputs, target, self.debug)
-                    self.output_note = "loss: the model's loss(batch) method (sum, count)"
-                    return
-                if self.kind == "output":
-                    self.output_note = self.own.check(model, inputs, target, self.debug)
-                    return
-                raw = call(f"model.name forward on a batch of {target.shape[0]}", call_model, model, inputs, debug=self.debug)
-                if self.kind == "function":
-                    self._check_function(raw, target)
-                    return
-                output, how = model_output(raw)
-                if how:
-                    self.output_note = f"model output: {how}"
-                self._check_pair(output, target, where)
+                raw = self._check_loss(model, inputs, target)
+                if not self.metrics.fitted:
+                    self._fit_metrics(model, inputs, target, raw)
         finally:
             model.train(was)
+
+    def _check_loss(self, model: nn.Module, inputs, target):
+        """The loss's checks; returns the model's output on the batch (None where the loss calls the model itself)."""
+        if self.kind == "model":
+            losses.check_method_sums(model, inputs, target, self.debug)
+            self.output_note = "loss: the model's loss(batch) method (sum, count)"
+            return None
+        if self.kind == "output":
+            self.output_note = self.own.check(model, inputs, target, self.debug)
+            return None
+        raw = call(f"model.name forward on a batch of {target.shape[0]}", call_model, model, inputs, debug=self.debug)
+        if self.kind == "function":
+            self._check_function(raw, target)
+            return raw
+        output, how = model_output(raw)
+        if how:
+            self.output_note = f"model output: {how}"
+        self._check_pair(output, target, f"train.loss={self.name}")
+        return raw
+
+    def _fit_metrics(self, model: nn.Module, inputs, target, raw) -> None:
+        if self.kind == "model":
+            asked = ", ".join(n for n in self.metrics.requested if n != "auto")
+            raise UserError(f"train.metrics [{asked}]: a model with a loss(batch) method returns only its loss (evaluated as eval_loss), no predictions to score")
+        if raw is None:
+            raw = call(f"the model's forward with {self.own.arg}=target", self.own.call, model, inputs, target, debug=self.debug)
+        self.metrics.fit(self.view(raw, target))
 
     def _check_function(self, raw, target: torch.Tensor) -> None:
         per = call(f"train.loss '{self.name}'", self.fn, raw, target, debug=self.debug)

@@ -19,6 +19,7 @@ import torch
 
 from launch import checkpoint, config as config_mod
 from launch.commands import export
+from launch.config.validate import metrics as validate_metrics
 from launch.data.build import build_data
 from launch.data.feeder import Feeder
 from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
@@ -36,7 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--input", "-i", help="CSV or NPZ file of raw features (a label column/array, if present, enables --eval)")
     p.add_argument("--split", choices=("eval", "train"), default="eval", help="without --input: which split of the run's dataset (default eval)")
     p.add_argument("--output", "-o", help="predictions CSV to write (default predictions.csv; with --eval only if given)")
-    p.add_argument("--eval", action="store_true", help="eval-only: print loss and accuracy as JSON instead of writing predictions")
+    p.add_argument("--eval", action="store_true", help="eval-only: print loss and the run's train.metrics as JSON instead of writing predictions")
+    p.add_argument("--metrics", help="with --eval: train.metrics to compute instead of the run's, comma-separated (e.g. accuracy,f1_macro,auroc)")
     p.add_argument("--config", help="config.yaml for bare weights outside their run directory")
     p.add_argument("--data-path", help="override data.path of the saved config (the dataset moved)")
     p.add_argument("--batch-size", type=int, default=0, help="inference batch size (default: the run's data.eval_batch_size)")
@@ -144,10 +146,13 @@ def run(args) -> int:
     if args.eval:
         if args.input and raw_labels is None:
             raise UserError(f"--eval: {args.input} has no label column/array to compare with")
+        if args.metrics:
+            cfg.train.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+            validate_metrics(cfg.train.metrics)
         task = Task(cfg, model)
         result = evaluate(model, task, feeder, Runtime(DistEnv("plain"), device, None), cfg)
-        print(json.dumps({"loss": result["eval_loss"], **({"accuracy": result["eval_accuracy"]} if "eval_accuracy" in result else {}),
-                          "samples": result["eval_samples"], "data": where, "weights": str(origin)}))
+        scores = {k[len("eval_"):]: v for k, v in result.items() if k not in ("eval_loss", "eval_samples")}
+        print(json.dumps({"loss": result["eval_loss"], **scores, "samples": result["eval_samples"], "data": where, "weights": str(origin)}))
         if not args.output:
             return 0
     if cfg.train.loss not in ("cross_entropy", *REGRESSION_LOSSES):

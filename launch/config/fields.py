@@ -113,6 +113,8 @@ class TrainConfig:
 
     ignore_index: int = -100
     """Targets with this value are not counted by cross_entropy and model losses (-100 for PyTorch and Hugging Face; nanoGPT uses -1)."""
+    metrics: list[str] = field(default_factory=lambda: ["auto"])
+    """Evaluation metrics, each recorded as eval_<name> over the whole evaluation split (every sample once, the same for any world size): 'accuracy', 'top5', 'f1_macro', 'auroc' (classification and bce_with_logits; per token for sequences, ignored targets left out; auroc is binary or one-vs-rest macro, not per token over more than 2 classes), 'mse', 'mae' (regression), or an import path 'pkg.module:fn', called once as fn(predictions, targets) -> float on all model outputs and targets in sample order (recorded as eval_fn). 'auto': accuracy for classification losses, as always. A metric that does not fit the task stops the run at start. See docs/data.md."""
 
     # The optimizer step
     optimizer: Literal["sgd", "adamw"] = "sgd"

@@ -9,6 +9,7 @@ from launch.trackers import TRACKERS
 
 BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist", "tokens")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
+BUILTIN_METRICS = ("accuracy", "top5", "f1_macro", "auroc", "mse", "mae")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -79,6 +80,23 @@ def _train(t) -> None:
     _positive("train.check_every_steps", t.check_every_steps)
     if t.loss not in BUILTIN_LOSSES and ":" not in t.loss:
         raise UserError(f"train.loss: must be one of {', '.join(BUILTIN_LOSSES)} or an import path 'pkg.module:fn', got '{t.loss}'")
+    metrics(t.metrics)
+
+
+def metrics(names: list[str]) -> None:
+    """Known names or import paths, and no two that would write the same eval_<name> record."""
+    taken = set()
+    for name in names:
+        if ":" not in name:
+            if name != "auto" and name not in BUILTIN_METRICS:
+                raise UserError(f"train.metrics: unknown metric '{name}'; choose from auto, {', '.join(BUILTIN_METRICS)} or an import path 'pkg.module:fn'")
+            continue
+        key = name.rpartition(":")[2]
+        if not key.isidentifier():
+            raise UserError(f"train.metrics: expected an import path 'pkg.module:fn', got '{name}'")
+        if key in taken or key in BUILTIN_METRICS or key in ("loss", "samples"):
+            raise UserError(f"train.metrics: '{name}' would be recorded as eval_{key}, which another metric writes; give the function another name")
+        taken.add(key)
 
 
 def _rest(di, c, lg) -> None:
