@@ -71,9 +71,10 @@ class StopRequest:
         """Name the stop by what the ranks saw: 'SIGTERM (on 1 of 2 ranks)', never a cause nobody saw."""
         named = []
         for cause, n in zip(self.CAUSES, counts):
-            if n > 0:
-                what = f"stop file {self.stop_file}" if cause == "stop file" else cause
-                named.append(what if world_size == 1 or n == world_size else f"{what} (on {int(n)} of {world_size} ranks)")
+            if n > 0 and cause == "stop file":  # one file for the job: how many ranks saw it yet is timing, not news
+                named.append(f"stop file {self.stop_file}")
+            elif n > 0:
+                named.append(cause if world_size == 1 or n == world_size else f"{cause} (on {int(n)} of {world_size} ranks)")
         self.agreed = " and ".join(named)
 
 
