@@ -59,3 +59,33 @@ def loader_worker_dies_with(rank_pid: int, worker_id: int) -> None:
     """DataLoader worker_init_fn: a forked worker holds copies of its rank's sockets, so a rank killed
     with -9 would look alive to its peers until its workers noticed (up to 5 s). They die with it."""
     die_with_parent(rank_pid)
+
+
+# --------------------------------------------------------------------------- descriptors forked children must not keep
+
+_parent_only: set[int] = set()
+
+
+def parent_only(fd: int) -> None:
+    """Close `fd` in every process forked from this one (DataLoader workers): the run directory's lock
+    and the trackers' pipe belong to this process alone; a worker holding a copy would keep the lock
+    taken, or the pipe open, after this process is gone."""
+    _parent_only.add(fd)
+
+
+def forget(fd: int) -> None:
+    """`fd` is about to be closed by its owner."""
+    _parent_only.discard(fd)
+
+
+def _close_in_child() -> None:
+    for fd in list(_parent_only):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _parent_only.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from launch import lifeline
 from launch.errors import UserError
 from launch.integrity import cause, fsync_dir, stamp, unused
 
@@ -38,20 +39,6 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model.pt", "model.manifest.json", "checkpoints", "tb", "profile", "curves.png",
              "trackers.json", "trackers.log", "wandb", "mlflow.db", "mlartifacts")  # the trackers: launch.trackers
 RUN_PATTERNS = ("config.yaml.*", "metrics.jsonl.*", "model.pt.*", "model.manifest.json.*", "checkpoints.old-*")
-_held_fds: set[int] = set()  # closed in forked children (DataLoader workers) so only this process holds the lock
-
-
-def _close_in_child() -> None:
-    for fd in _held_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_fds.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -113,7 +100,7 @@ class RunLock:
         while self.before_release:
             self.before_release.pop()()
         if self.fd is not None:
-            _held_fds.discard(self.fd)
+            lifeline.forget(self.fd)
             os.close(self.fd)  # closing the only descriptor drops the flock
             self.fd = None
 
@@ -151,7 +138,7 @@ def lock(run_dir: Path) -> RunLock:
         return RunLock()
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
-    _held_fds.add(fd)
+    lifeline.parent_only(fd)  # a forked DataLoader worker must not keep the lock
     return RunLock(fd, path)
 
 

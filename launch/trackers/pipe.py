@@ -13,25 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import launch
+from launch import lifeline
 from launch.trackers import STATE, _short
 from launch.trackers.relay import FINISH_S
 
 PIPE_BYTES = 1 << 20  # the pipe's buffer (Linux grows it on request): thousands of records
 MAX_BACKLOG = 64 << 20  # records held here while the relay is behind, before giving it up
-_write_ends: set[int] = set()  # closed in forked children (DataLoader workers): only rank 0 may hold the pipe open
-
-
-def _close_in_child() -> None:
-    for fd in list(_write_ends):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _write_ends.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class Relay:
@@ -51,7 +38,7 @@ class Relay:
             self._give_up(f"could not start ({_short(e)})")
             return
         self.fd = self.proc.stdin.fileno()
-        _write_ends.add(self.fd)
+        lifeline.parent_only(self.fd)  # a forked DataLoader worker must not hold the pipe open
         try:
             import fcntl
 
@@ -94,7 +81,7 @@ class Relay:
             self._drain()
         if self.proc is None:
             return
-        _write_ends.discard(self.fd)
+        lifeline.forget(self.fd)
         try:
             self.proc.stdin.close()
         except OSError:
@@ -109,7 +96,7 @@ class Relay:
     def abandon(self) -> None:
         """Stop the relay where it is (the run directory was replaced under the job)."""
         if self.proc is not None:
-            _write_ends.discard(self.fd)
+            lifeline.forget(self.fd)
             self.proc.kill()
             self.proc = None
 
@@ -126,7 +113,7 @@ class Relay:
         print(f"warning: trackers: the relay for {', '.join(self.names)} {why}; they get no more records from this job "
               "(metrics.jsonl has them all; a rerun catches them up from there)", file=sys.stderr, flush=True)
         if self.proc is not None:
-            _write_ends.discard(self.fd)
+            lifeline.forget(self.fd)
             try:
                 self.proc.stdin.close()
             except OSError:
