@@ -8,8 +8,8 @@ mix(seed, epoch, index): the same sample gets the same augmentation for any numb
 world size, and after any resume. In the main process (data.num_workers=0) the training streams
 are put back afterwards, so dropout draws are unaffected by loading.
 
-Measured cost (launch bench --sections data, or tests/test_models.py): about 15 us per sample in a
-worker, 30 us in the main process (where the streams are also saved and restored).
+Measured cost (launch bench --sections data, 2-core CPU): about 10 us per sample in a worker, 85 us in
+the main process (where the training streams are also saved and restored around it).
 """
 
 from __future__ import annotations
