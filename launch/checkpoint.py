@@ -254,7 +254,7 @@ def find_resumable(run_dir: Path, warn: Callable[[str], None], verify_dir: Optio
         try:
             state = load(f)
             if f.is_dir():
-                (verify_dir or _verify_here)(f)
+                (verify_dir or verify_here)(f)
             return f, state
         except CheckpointError as e:
             problems.append(str(e))
@@ -276,7 +276,7 @@ def set_aside_unusable(run_dir: Path, resumed_from: Optional[Path], say: Callabl
         try:
             load(f)
             if f.is_dir():
-                _verify_here(f)
+                verify_here(f)
             continue  # it loads now (it was not refused): leave it
         except CheckpointError:
             pass
@@ -285,7 +285,7 @@ def set_aside_unusable(run_dir: Path, resumed_from: Optional[Path], say: Callabl
         say(f"kept the unusable checkpoint {f.name} as {moved} (a rerun saves step {int(f.stem[5:])} again)")
 
 
-def _verify_here(path: Path) -> None:
+def verify_here(path: Path) -> None:
     """A sharded checkpoint verified by this process alone (every file's sha256)."""
     try:
         if not integrity.verify(path):

@@ -76,7 +76,7 @@ class Run:
         partial epoch. Not `final` (a periodic save): the strategy may write it in the background."""
         stall = self.faults.save_stall(self.state.step)
         self.state.stream_state = getattr(self.train_feed, "state", None)
-        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, stall, self.say, self.dir_lost(), self.strategy, final):
+        if not state_mod.save(self.parts, self.state, totals, self.cfg, self.rt, self.data.state, self.strategy, stall, self.dir_lost(), final):
             raise lost_run_dir(self.cfg.run_dir)
 
     def dir_lost(self) -> bool:

@@ -88,13 +88,10 @@ def load_full(ckpt: dict, origin: Path, t: Trainables) -> None:
         t.ema.load(clean_state_dict(ckpt["ema"]), ckpt["ema_updates"])
 
 
-def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int, strategy=None, rt=None) -> TrainState:
+def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int, strategy, rt) -> TrainState:
     """Everything a checkpoint holds back into the run: the tensors through the strategy (which
     knows whether they are whole or sharded, here or in the file), the rest here."""
-    if strategy is None:
-        load_full(ckpt, origin, t)
-    else:
-        strategy.load_state(t, ckpt, origin, rt)
+    strategy.load_state(t, ckpt, origin, rt)
     if ckpt.get("scheduler") is not None:
         t.scheduler.load_state_dict(ckpt["scheduler"])
     if t.scaler is not None and ckpt.get("scaler"):
@@ -119,7 +116,7 @@ def restore_rng(ckpt: dict, rank: int, world_size: int, seed: int) -> None:
         randomness.seed_rank(randomness.mix(seed, ckpt["step"]), rank)
 
 
-def choose_resume(cfg, say: Callable[[str], None], verify_dir: Optional[Callable] = None) -> tuple[Optional[Path], Optional[dict]]:
+def choose_resume(cfg, say: Callable[[str], None], verify_dir: Callable) -> tuple[Optional[Path], Optional[dict]]:
     """ckpt.resume: 'auto' takes the run directory's newest good checkpoint; a path starts a run
     from that file, but once the run has checkpoints of its own, restarts continue from those.
     Every rank reads the same files (read-only) and reaches the same decision (a sharded
@@ -135,14 +132,14 @@ def choose_resume(cfg, say: Callable[[str], None], verify_dir: Optional[Callable
         path = Path(cfg.ckpt.resume)
         state = checkpoint.load(path)
         if path.is_dir():
-            (verify_dir or checkpoint._verify_here)(path)
+            verify_dir(path)
         return path, state
     return None, None
 
 
-def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, stall=None, say=print, lost: bool = False, strategy=None, final: bool = True) -> bool:
+def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, data_state: dict, strategy, stall=None, lost: bool = False, final: bool = True) -> bool:
     """Collective: the partial-epoch loss `totals` ([sum, count] on this rank) is summed over ranks,
-    so a resume at any world size can finish the epoch mean; rank 0 writes, everyone waits.
+    so a resume at any world size can finish the epoch mean; the strategy writes (launch.parallel).
     `lost` (rank 0: the run directory was replaced) rides on the same all-reduce: then nobody writes
     and every rank returns False."""
     totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([float(lost)])]), rt)
@@ -150,11 +147,6 @@ def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, d
         return False
     rngs = gather_to_main(randomness.state(), rt)
     at = replace(s, epoch_loss_sum=float(totals[0]), epoch_loss_count=float(totals[1]))
-    if strategy is None:
-        if rt.env.is_main:
-            path = checkpoint.save(capture(t, at, cfg, rt.env.world_size, data_state, rngs), cfg.run_dir, s.step, cfg.ckpt.keep_last, stall)
-            say(f"saved {path}")
-    else:
-        strategy.write_checkpoint(t, at, cfg, data_state, rngs, stall, final)
+    strategy.write_checkpoint(t, at, cfg, data_state, rngs, stall, final)
     save_barrier(rt)
     return True

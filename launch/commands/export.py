@@ -43,7 +43,7 @@ def weights(path: Path) -> dict:
     if path.is_dir():
         from launch.parallel import dcp
 
-        checkpoint._verify_here(path)
+        checkpoint.verify_here(path)
         return dcp.export(path)
     return checkpoint.load(path)["model"]
 

@@ -8,8 +8,8 @@ uneven epoch end leaves it no sample (launch.data.order). So the launcher has it
 
 - each BatchNorm layer's class is swapped for a subclass (isinstance checks, parameters, buffers and
   state_dict keys stay the user's), whose training forward sums x and x*x per channel in float64,
-  all-reduces [sums, count] with autograd (torch.distributed.nn: the backward all-reduces the
-  gradients of the sums, which is the exact gradient of the global statistics), and normalises with
+  all-reduces [sums, count] with autograd (the backward all-reduces the gradients of the sums, which
+  is the exact gradient of the global statistics), and normalises with
   the global mean and biased variance;
 - running statistics move with the global mean and the unbiased global variance, as torch does for
   one process, so every rank holds the same buffers;
@@ -81,11 +81,25 @@ class _GlobalStatistics:
         self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
 
 
-def dist_nn_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """An all-reduce (sum) whose backward all-reduces the gradient: torch.distributed.nn's."""
-    from torch.distributed.nn.functional import all_reduce
+class _SumOverRanks(torch.autograd.Function):
+    """An all-reduce (sum) whose backward all-reduces the gradient: what torch.distributed.nn's
+    all_reduce does (deprecated in torch 2.13, with a warning on every rank)."""
 
-    return all_reduce(t)
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def dist_nn_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    return _SumOverRanks.apply(t)
 
 
 _classes: dict[type, type] = {}
