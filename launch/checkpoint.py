@@ -74,7 +74,9 @@ def save(state: dict, run_dir: Path, step: int, keep_last: int, before_rename: O
     path = step_path(run_dir, step)
     previous = read_latest(ckdir)
     try:
-        ckdir.mkdir(parents=True, exist_ok=True)
+        # Not parents=True: the run directory exists while the job holds its lock; should it be removed
+        # under the job (rm -rf), a save must not create it again for a new job to find.
+        ckdir.mkdir(exist_ok=True)
         _write_checked(path, {"format": FORMAT, **state}, "checkpoint", before_rename, checkpoint=path.name, step=step)
     except (WriteError, OSError) as e:
         raise _not_committed(e, path, ckdir, previous) from None

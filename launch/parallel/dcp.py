@@ -137,7 +137,8 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
     tmp = final.with_name(f".{final.name}.tmp")
     if rt.env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.parent.mkdir(exist_ok=True)  # never the run directory itself (see launch.checkpoint.save)
+        tmp.mkdir()
     save_barrier(rt)
     tensors, groups = tensors_of(model, optimizer, ema)
     if ema is not None:  # the background writer copies them: detached clones, not the live shadows
