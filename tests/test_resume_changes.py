@@ -110,3 +110,12 @@ def test_a_run_directory_replaced_under_a_live_job_stops_it_and_the_new_job_is_a
     assert records and all(r["lr"] == 0.05 for r in records)
     for f in checkpoint.checkpoint_dir(run_dir).glob("step_*.pt"):
         assert checkpoint.load(f)["config"]["train"]["lr"] == 0.05
+
+
+def test_a_save_into_a_removed_run_directory_does_not_make_it_again(tmp_path):
+    """The window between a save's check that the run directory is still this job's and its write:
+    the save fails with one line instead of creating the directory for the next job there to resume."""
+    run_dir = tmp_path / "gone"
+    with pytest.raises(UserError) as e:
+        checkpoint.save({"model": {"w": torch.zeros(2)}, "step": 4}, run_dir, 4, keep_last=2)
+    assert not run_dir.exists() and "cannot write checkpoint" in str(e.value) and "\n" not in str(e.value), str(e.value)
