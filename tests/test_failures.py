@@ -56,7 +56,8 @@ def wait_for_step(run_dir, proc, deadline_s: float = 90) -> int:
     deadline = time.monotonic() + deadline_s
     path = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:
-        lines = path.read_text().splitlines() if path.exists() else []
+        # complete lines only: the job may be appending the last one as this reads
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
         steps = [json.loads(line)["step"] for line in lines if '"train_loss_step"' in line]
         if steps:
             return steps[-1]
