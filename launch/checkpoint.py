@@ -43,6 +43,12 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def make_checkpoint_dir(run_dir: Path) -> None:
+    """checkpoints/ in the run directory, never the run directory itself: removed under the job (rm -rf),
+    a save must not make it again for a new job there to resume from."""
+    checkpoint_dir(run_dir).mkdir(exist_ok=True)
+
+
 def step_path(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
 
@@ -74,9 +80,7 @@ def save(state: dict, run_dir: Path, step: int, keep_last: int, before_rename: O
     path = step_path(run_dir, step)
     previous = read_latest(ckdir)
     try:
-        # Not parents=True: the run directory exists while the job holds its lock; should it be removed
-        # under the job (rm -rf), a save must not create it again for a new job to find.
-        ckdir.mkdir(exist_ok=True)
+        make_checkpoint_dir(run_dir)
         _write_checked(path, {"format": FORMAT, **state}, "checkpoint", before_rename, checkpoint=path.name, step=step)
     except (WriteError, OSError) as e:
         raise _not_committed(e, path, ckdir, previous) from None

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from launch import integrity
-from launch.checkpoint import FORMAT, SHARDED_STATE as STATE, CheckpointError, checkpoint_dir, manifest_path
+from launch.checkpoint import FORMAT, SHARDED_STATE as STATE, CheckpointError, checkpoint_dir, make_checkpoint_dir, manifest_path
 from launch.dist import Runtime, gather_to_main, save_barrier
 from launch.integrity import WriteError
 
@@ -137,7 +137,7 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
     tmp = final.with_name(f".{final.name}.tmp")
     if rt.env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(exist_ok=True)  # never the run directory itself (see launch.checkpoint.save)
+        make_checkpoint_dir(run_dir)
         tmp.mkdir()
     save_barrier(rt)
     tensors, groups = tensors_of(model, optimizer, ema)
