@@ -5,7 +5,7 @@
     srun python train_ddp.py [...]                 # one SLURM task per device
 """
 
-from launch.entry import main_ddp
+from launch.processes.entry import main_ddp
 
 if __name__ == "__main__":
     main_ddp()

@@ -13,7 +13,7 @@ EXIT_CRASH = 1  # an unexpected exception (the traceback is shown)
 EXIT_USAGE = 2  # bad config, bad input, bad environment: one line, nothing written
 EXIT_NONFINITE = 3  # loss became NaN/inf; the last good checkpoint is kept
 EXIT_PEER_FAILED = 4  # another rank died; this one stopped without a cascade
-EXIT_HANG = 5  # a collective timed out (a rank missing, or ranks calling different collectives); see launch.hangs
+EXIT_HANG = 5  # a collective timed out (a rank missing, or ranks calling different collectives); see launch.processes.hangs
 EXIT_STOPPED = 75  # stopped by a signal or stop file after saving a checkpoint (EX_TEMPFAIL: rerun to resume)
 
 

@@ -1,7 +1,7 @@
 """Checks that need a real gloo process group, run in spawned workers.
 
 `run_checks(world_size, out_dir)` spawns world_size processes; each builds the real Runtime
-through launch.dist.setup, then records this rank's sampler shards and the exact evaluation
+through launch.processes.dist.setup, then records this rank's sampler shards and the exact evaluation
 result into out_dir/rank{r}.pt for the test to compare.
 """
 
@@ -24,13 +24,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1",
     )
     torch.set_num_threads(1)
-    from launch import config, dist as dist_mod
+    from launch import config
     from launch.data.feeder import Feeder
     from launch.data.order import rank_train_indices
     from launch.data.types import Split
-    from launch.evaluate import evaluate
-    from launch.model import NeuralNetwork
-    from launch.task import Task
+    from launch.models.build import NeuralNetwork
+    from launch.processes import dist as dist_mod
+    from launch.train.evaluate import evaluate
+    from launch.train.task import Task
 
     cfg = config.load(None, ["data.eval_batch_size=3", "train.device=cpu", "data.batch_size=2"])
     env = dist_mod.detect()

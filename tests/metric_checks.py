@@ -33,7 +33,7 @@ def data() -> dict:
 
 
 def models() -> dict:
-    from launch.model import NeuralNetwork
+    from launch.models.build import NeuralNetwork
     from tests.user_code import SeqGRU
 
     out = {}
@@ -73,8 +73,8 @@ def scenarios(rt) -> dict:
     from launch import config
     from launch.data.feeder import Feeder
     from launch.data.types import Split
-    from launch.evaluate import evaluate
-    from launch.task import Task
+    from launch.train.evaluate import evaluate
+    from launch.train.task import Task
     from tests import metric_fns
 
     nets, out = models(), {}
@@ -97,7 +97,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1",
     )
     torch.set_num_threads(1)
-    from launch import config, dist as dist_mod
+    from launch import config
+    from launch.processes import dist as dist_mod
 
     rt = dist_mod.setup(config.load(None, ["train.device=cpu"]), dist_mod.detect())
     result = scenarios(rt)

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from launch import checkpoint
+from launch.checkpoint import store
 from launch.errors import EXIT_STOPPED
-from launch.model import NeuralNetwork, clean_state_dict
+from launch.models.build import NeuralNetwork, clean_state_dict
 from tests.helpers import PY, ROOT, SMALL, env, output, run, single, spawn, torchrun
 
 # SMALL: 384 samples, batch 16 -> 24 steps per epoch single, 12 per epoch with 2 ranks, 8 with 3.
@@ -22,8 +22,8 @@ EPOCHS3 = "train.epochs=3"
 
 def final_state(run_dir):
     """The final checkpoint (latest) and weights of a finished run."""
-    ck = checkpoint.checkpoint_dir(run_dir)
-    latest = checkpoint.read_latest(ck)
+    ck = store.checkpoint_dir(run_dir)
+    latest = store.read_latest(ck)
     return torch.load(ck / latest, weights_only=True), torch.load(run_dir / "model.pt", weights_only=True)
 
 
@@ -63,7 +63,7 @@ def test_stop_and_rerun_is_bitwise_identical_single(reference, tmp_path, stop_st
     first = single(tmp_path, *args, LAUNCH_FAULT=f"stop:step={stop_step}")
     assert first.returncode == EXIT_STOPPED, output(first)
     assert f"at step {stop_step} ({where})" in first.stderr
-    assert checkpoint.read_latest(checkpoint.checkpoint_dir(tmp_path)) == f"step_{stop_step:08d}.pt"
+    assert store.read_latest(store.checkpoint_dir(tmp_path)) == f"step_{stop_step:08d}.pt"
     second = single(tmp_path, *args)  # the same command again
     assert second.returncode == 0, output(second)
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stop_step:08d}.pt'}" in second.stdout
@@ -104,8 +104,8 @@ def test_kill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert not (ckdir / "step_00000048.pt").exists(), "no half-written file under a final name"
-    assert checkpoint.read_latest(ckdir) == "step_00000024.pt"
-    checkpoint.load(ckdir / "step_00000024.pt")  # the previous checkpoint is intact
+    assert store.read_latest(ckdir) == "step_00000024.pt"
+    store.load(ckdir / "step_00000024.pt")  # the previous checkpoint is intact
     again = run(args)
     assert again.returncode == 0, output(again)
     assert "(epoch 1, step 24)" in again.stdout
@@ -134,7 +134,7 @@ class Payload:
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     Payload.marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": checkpoint.FORMAT, "model": Payload()}, evil)
+    torch.save({"format": store.FORMAT, "model": Payload()}, evil)
     p = single(tmp_path / "run", f"ckpt.resume={evil}", timeout=60)
     assert p.returncode == 2, output(p)
     lines = p.stderr.strip().splitlines()
@@ -146,10 +146,11 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 @pytest.mark.parametrize("kind", ["foreign", "truncated", "shape"])
 def test_bad_checkpoint_given_explicitly_names_file_and_reason(reference, tmp_path, kind):
     # In-process (the one-line/exit-2 path itself is covered by the pickle test above).
-    from launch import config, dist as dist_mod
-    from launch.loop import train
+    from launch import config
+    from launch.processes import dist as dist_mod
+    from launch.train.loop import train
 
-    src = reference / "single" / "checkpoints" / checkpoint.read_latest(reference / "single" / "checkpoints")
+    src = reference / "single" / "checkpoints" / store.read_latest(reference / "single" / "checkpoints")
     bad = tmp_path / "bad.pt"
     if kind == "foreign":
         torch.save({"weights": torch.zeros(3)}, bad)
@@ -162,7 +163,7 @@ def test_bad_checkpoint_given_explicitly_names_file_and_reason(reference, tmp_pa
         needle = "does not fit this model (Error(s) in loading state_dict"
     extra = ["model.hidden=[8]"] if kind == "shape" else []
     cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'run'}", f"ckpt.resume={bad}", *extra])
-    with pytest.raises(checkpoint.CheckpointError) as err:
+    with pytest.raises(store.CheckpointError) as err:
         train(cfg, dist_mod.setup(cfg, dist_mod.DistEnv("plain")))
     message = str(err.value)
     assert "\n" not in message and needle in message and str(bad) in message
@@ -175,7 +176,7 @@ def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(tmp_path)
     assert first.returncode == 0, output(first)  # under torchrun a stop exits 0 (a failure would be restarted)
     assert "stopped by SIGTERM at step 12 (mid-epoch 1); checkpoint saved" in first.stderr, output(first)
     assert "stopped by SIGTERM at step 12" in (tmp_path / "a" / "STOPPED").read_text()
-    ck = checkpoint.load(tmp_path / "a" / "checkpoints" / "step_00000012.pt")
+    ck = store.load(tmp_path / "a" / "checkpoints" / "step_00000012.pt")
     assert ck["world_size"] == 3 and ck["samples_in_epoch"] == 4 * 16 * 3
     # the same checkpoint, continued by one process and by two
     for name, launch in (("single", lambda d: single(d, *args, f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000012.pt'}")),
@@ -189,7 +190,7 @@ def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(tmp_path)
 
 def test_checkpoint_is_plain_tensors_and_prefix_free(reference):
     ck_dir = reference / "ddp2" / "checkpoints"
-    ck = torch.load(ck_dir / checkpoint.read_latest(ck_dir), weights_only=True)  # raises if anything is pickled
+    ck = torch.load(ck_dir / store.read_latest(ck_dir), weights_only=True)  # raises if anything is pickled
     for key in ("model", "optimizer", "scheduler", "epoch", "step", "samples_in_epoch", "rng", "config", "world_size"):
         assert key in ck
     assert set(ck["rng"]) >= {"torch", "python"}

@@ -258,7 +258,7 @@ def test_predict_refuses_pickled_foreign_and_garbage_files(tmp_path):
     import argparse
     import pickle
 
-    from launch.checkpoint import CheckpointError
+    from launch.checkpoint.store import CheckpointError
     from launch.commands.predict import load_source
 
     # A pickled Python object (any global that is not a tensor type) must be refused, never executed.

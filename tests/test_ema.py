@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from launch.logger import read_metrics
+from launch.observe.logger import read_metrics
 from tests.helpers import PY, SMALL, output, run
 from tests.test_models import max_diff, spawn, train_inproc
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from launch import config
-from launch.dist import DistEnv, setup
-from launch.loop import train
-from launch.stopping import Stopped
+from launch.processes.dist import DistEnv, setup
+from launch.processes.stopping import Stopped
+from launch.train.loop import train
 from tests.helpers import PY, output, run
 
 # configs/sums_lm.yaml, smaller: 1500 training sums, 2 epochs, no progress bar, on the CPU

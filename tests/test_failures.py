@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch import checkpoint
+from launch.checkpoint import store
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED
 from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, spawn, torchrun, wait_for
 
@@ -81,9 +81,9 @@ def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
     m = re.search(r"stopped by SIGTERM at step (\d+) \((mid-epoch|after epoch) (\d+)\)", err)
     assert m, err
     # torchrun itself reports the signal with a traceback of its own; the workers print none
-    assert "[rank0]:" not in err and "[rank1]:" not in err and "launch/loop.py" not in err, err
-    latest = checkpoint.read_latest(tmp_path / "checkpoints")
-    step = checkpoint.load(tmp_path / "checkpoints" / latest)["step"]
+    assert "[rank0]:" not in err and "[rank1]:" not in err and "launch/train/loop.py" not in err, err
+    latest = store.read_latest(tmp_path / "checkpoints")
+    step = store.load(tmp_path / "checkpoints" / latest)["step"]
     assert step == int(m.group(1)) >= seen
     epoch = int(m.group(3)) + (m.group(2) == "after epoch")
     again = run([*args[:-3], f"train.epochs={epoch + 1}", "train.check_every_steps=5"], timeout=180)
@@ -101,8 +101,8 @@ def test_sigint_to_single_process_stops_with_exit_75(tmp_path):
     lines = err.strip().splitlines()
     m = re.fullmatch(r"stopped by SIGINT at step (\d+) .*", lines[0]) if len(lines) == 1 else None
     assert m and int(m.group(1)) >= seen, err
-    latest = checkpoint.read_latest(tmp_path / "checkpoints")
-    assert latest is not None and checkpoint.load(tmp_path / "checkpoints" / latest)["step"] == int(m.group(1))
+    latest = store.read_latest(tmp_path / "checkpoints")
+    assert latest is not None and store.load(tmp_path / "checkpoints" / latest)["step"] == int(m.group(1))
 
 
 def test_stop_file_is_honoured_and_consumed(tmp_path):
@@ -121,8 +121,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert [line for line in lines if "non-finite loss" in line] == [lines[-1]], output(p)
     assert "detected at step 8" in p.stderr
-    assert checkpoint.read_latest(tmp_path / "checkpoints") == "step_00000004.pt"
-    ck = checkpoint.load(tmp_path / "checkpoints" / "step_00000004.pt")
+    assert store.read_latest(tmp_path / "checkpoints") == "step_00000004.pt"
+    ck = store.load(tmp_path / "checkpoints" / "step_00000004.pt")
     assert all(t.isfinite().all() for t in ck["model"].values())
 
 
@@ -224,8 +224,9 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 def test_single_process_calls_no_collectives(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from launch import config, dist as dist_mod
-    from launch.loop import train
+    from launch import config
+    from launch.processes import dist as dist_mod
+    from launch.train.loop import train
 
     def forbidden(*a, **k):
         raise AssertionError("single-process mode must not call torch.distributed")

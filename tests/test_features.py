@@ -17,13 +17,12 @@ from launch import config
 from launch.data.feeder import Feeder
 from launch.data.order import rank_train_indices
 from launch.data.types import Split
-from launch.dist import DistEnv, setup
-from launch.logger import read_metrics
-from launch.loop import train
-from launch.model import build_model
-from launch.optim import lr_factor
-from launch.stopping import Stopped
-
+from launch.models.build import build_model
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.processes.stopping import Stopped
+from launch.train.loop import train
+from launch.train.optim import lr_factor
 from tests.helpers import SMALL, output, spawn
 
 # n_train=90 leaves short tails: batch 8 -> 11 full micro-batches and one of 2, so an accumulation
@@ -34,7 +33,7 @@ RICH = ["train.momentum=0.9", "train.weight_decay=0.001", "train.grad_clip=0.5",
 
 
 def run_inproc(run_dir, *overrides):
-    """launch.loop.train in this process (one plain process); returns (final record, final weights)."""
+    """launch.train.loop.train in this process (one plain process); returns (final record, final weights)."""
     cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", "train.device=cpu", *overrides])
     rt = setup(cfg, DistEnv("plain"))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -215,10 +214,10 @@ def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tm
     """torchrun --nproc_per_node=1 (a common single-GPU SLURM job): a process group exists, DDP does not."""
     import torch.distributed as dist
 
-    from launch.dist import detect, teardown
-    from launch.run import start
-    from launch.step import TrainingModule
-    from launch.stopping import StopRequest
+    from launch.processes.dist import detect, teardown
+    from launch.processes.stopping import StopRequest
+    from launch.train.run import start
+    from launch.train.step import TrainingModule
 
     _, wplain = run_inproc(tmp_path / "plain", "train.epochs=1")
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)

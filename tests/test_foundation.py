@@ -14,10 +14,9 @@ from launch.data.feeder import Feeder
 from launch.data.order import rank_train_indices
 from launch.data.types import Split
 from launch.errors import UserError
-from launch.model import NeuralNetwork
+from launch.models.build import NeuralNetwork
 from tests import dist_checks
 from tests.helpers import PY, output, run, single, spawn, torchrun
-
 
 # --------------------------------------------------------------------------- sampler (pure)
 
@@ -243,8 +242,8 @@ def test_readme_config_reference_is_current():
 
 
 def _train_in_process(tmp_path, *overrides):
-    from launch import dist as dist_mod
-    from launch.loop import train
+    from launch.processes import dist as dist_mod
+    from launch.train.loop import train
 
     cfg = config.load(None, [f"run.dir={tmp_path}", "log.progress=false", "train.device=cpu", *overrides])
     rt = dist_mod.setup(cfg, dist_mod.DistEnv("plain"))

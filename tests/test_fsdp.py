@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 
-from launch import checkpoint, config, integrity
+from launch import config
+from launch.checkpoint import integrity, store
 from launch.errors import UserError
-from launch.logger import read_metrics
+from launch.observe.logger import read_metrics
 from launch.parallel.blocks import blocks
 from tests.helpers import PY, output, run
 from tests.test_models import max_diff, spawn, train_inproc
@@ -50,7 +51,7 @@ def test_fsdp_at_2_and_3_ranks_equals_one_process_and_ddp(runs):
     rec = read_metrics(base / "fsdp3")[-1]
     assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6) and rec["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-9)
     assert rec["eval_samples"] == 101  # lockstep evaluation: stand-in batches add nothing
-    sharded = sorted(p.name for p in checkpoint.checkpoint_dir(base / "fsdp3").iterdir())
+    sharded = sorted(p.name for p in store.checkpoint_dir(base / "fsdp3").iterdir())
     assert "step_00000010.dcp" in sharded and "step_00000010.manifest.json" in sharded
 
 
@@ -75,8 +76,8 @@ def test_fsdp_resumes_bitwise_and_reshards_to_another_world_size(runs, tmp_path)
 
 def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(runs, tmp_path):
     shutil.copytree(runs[0] / "fsdp2", tmp_path / "run")  # checkpoints every 2 steps, 5 steps an epoch, the last 3 kept
-    ckdir = checkpoint.checkpoint_dir(tmp_path / "run")
-    assert checkpoint.read_latest(ckdir) == "step_00000010.dcp"
+    ckdir = store.checkpoint_dir(tmp_path / "run")
+    assert store.read_latest(ckdir) == "step_00000010.dcp"
     # a planted payload: .metadata that would run a command when unpickled
     marker = tmp_path / "pwned"
     planted = tmp_path / "planted.dcp"
@@ -93,8 +94,8 @@ def test_a_torn_sharded_checkpoint_falls_back_and_a_planted_payload_is_refused(r
     from launch.parallel import dcp
 
     other = TinyGPT(seq_len=9, d_model=16, n_heads=2)
-    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
-        dcp.load(other, torch.optim.SGD(other.parameters(), lr=0.1), ckdir / "step_00000008.dcp", checkpoint.load(ckdir / "step_00000008.dcp"), None)
+    with pytest.raises(store.CheckpointError, match="does not fit this model"):
+        dcp.load(other, torch.optim.SGD(other.parameters(), lr=0.1), ckdir / "step_00000008.dcp", store.load(ckdir / "step_00000008.dcp"), None)
     # one shard of the newest checkpoint lost: the rerun says so, falls back and trains on
     (ckdir / "step_00000010.dcp" / "__1_0.distcp").unlink()
     again = spawn(2, tmp_path / "run", *GPT, *FSDP, "data.batch_size=24", "ckpt.every_steps=2", "train.epochs=3")
@@ -133,8 +134,8 @@ def test_fsdp_mistakes_are_one_line():
 
 
 def _fsdp_cpu_offload():
-    from launch.dist import DistEnv, Runtime
     from launch.parallel.fsdp import Sharded
+    from launch.processes.dist import DistEnv, Runtime
 
     cfg = config.load(None, ["dist.strategy=fsdp", "dist.cpu_offload=true", "train.device=cpu"])
     Sharded(cfg, Runtime(DistEnv("plain"), torch.device("cpu"), None), print)
@@ -142,8 +143,8 @@ def _fsdp_cpu_offload():
 
 def _two_rank_strategy():
     """The FSDP strategy as a rank of two sees it, before anything is sharded (no process group needed)."""
-    from launch.dist import DistEnv, Runtime
     from launch.parallel.fsdp import Sharded
+    from launch.processes.dist import DistEnv, Runtime
 
     cfg = config.load(None, ["dist.strategy=fsdp", "train.device=cpu"])
     return Sharded(cfg, Runtime(DistEnv("torchrun", 0, 0, 2, 2, "127.0.0.1", 1), torch.device("cpu"), None), print)

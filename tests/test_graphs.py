@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launch import config, graph_step
-from launch.dist import DistEnv, setup
+from launch import config
 from launch.errors import UserError
-from launch.loop import train
-from launch.stopping import Stopped
+from launch.processes.dist import DistEnv, setup
+from launch.processes.stopping import Stopped
+from launch.train import graph_step
+from launch.train.loop import train
 from tests.helpers import PY, SMALL, output, run, single
 
 GRAPH_JOB = [*SMALL, "data.n_train=389", "train.device=cpu", "train.momentum=0.9", "train.grad_clip=0.5", "train.schedule=cosine", "train.warmup_steps=3"]

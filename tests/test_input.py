@@ -15,8 +15,8 @@ import yaml
 
 from launch import config as config_mod
 from launch.data.tabular import build_csv, build_npz
-from launch.entry import parse
 from launch.errors import UserError
+from launch.processes.entry import parse
 from launch.user_code import import_object
 from tests.helpers import PY, ROOT, output, run
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 import yaml
 
-from launch import checkpoint, config, integrity, rundir
-from launch.dist import DistEnv, setup
+from launch import config
+from launch.checkpoint import integrity, rundir, store
 from launch.errors import UserError
-from launch.logger import read_metrics
-from launch.loop import train
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.train.loop import train
 from tests.helpers import PY, ROOT, SMALL, env, output, run, single
 
 # SMALL: 384 samples, batch 16 -> 24 steps per epoch; a checkpoint per epoch (ckpt.every_epochs=1).
@@ -149,7 +150,7 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path):
     line naming the file, and the file keeps only whole records: the next append starts clean."""
     script = (
         "import resource, sys\n"
-        "from launch.logger import MetricsLog\n"
+        "from launch.observe.logger import MetricsLog\n"
         "log = MetricsLog(sys.argv[1], True)\n"
         "log.write({'step': 1})\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))\n"
@@ -171,7 +172,7 @@ def test_garbage_latest_falls_back_to_the_complete_checkpoints(copy_of, garbage)
     line = only_line(out, "checkpoint pointer")
     assert str(copy_of / "checkpoints" / "latest") in line and "using the newest complete checkpoint" in line
     assert "(epoch 1, step 24)" in out, out
-    assert checkpoint.read_latest(copy_of / "checkpoints") == "step_00000048.pt"
+    assert store.read_latest(copy_of / "checkpoints") == "step_00000048.pt"
 
 
 # --------------------------------------------------------------------------- before step 1
@@ -245,6 +246,6 @@ def test_a_save_under_a_file_size_limit_is_one_line_and_keeps_the_previous_check
     assert f"cannot write checkpoint {ckdir / 'step_00000048.pt'}: file size limit" in lines[0]
     assert f"{ckdir / 'latest'} still names step_00000024.pt" in lines[0]
     assert "(epoch 1, step 24)" in p.stdout
-    assert checkpoint.read_latest(ckdir) == "step_00000024.pt"
-    assert integrity.verify(ckdir / "step_00000024.pt") and checkpoint.load(ckdir / "step_00000024.pt")["step"] == 24
+    assert store.read_latest(ckdir) == "step_00000024.pt"
+    assert integrity.verify(ckdir / "step_00000024.pt") and store.load(ckdir / "step_00000024.pt")["step"] == 24
     assert sorted(f.name for f in ckdir.iterdir()) == ["latest", "step_00000024.manifest.json", "step_00000024.pt"]

@@ -65,3 +65,14 @@ def test_no_two_modules_import_each_other_directly_or_in_a_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_the_top_level_shows_the_architecture():
+    """launch/ holds about a dozen entries, each a concern (issue 22): a new capability is a module in
+    its folder plus a registry line, never another file beside the loop."""
+    entries = sorted(p.name for p in (ROOT / "launch").iterdir() if p.name != "__pycache__")
+    assert len(entries) <= 14, entries
+    loose = [e for e in entries if e.endswith(".py")]
+    assert set(loose) <= {"__init__.py", "__main__.py", "errors.py", "user_code.py"}, loose
+    for folder in (e for e in entries if not e.endswith(".py")):
+        assert (ROOT / "launch" / folder / "__init__.py").exists(), folder

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch import checkpoint
+from launch.checkpoint import store
 from launch.errors import EXIT_STOPPED
 from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, output, run, wait_for
 
@@ -114,7 +114,7 @@ def test_a_second_job_on_a_live_run_directory_is_refused_in_one_line(tmp_path):
             "ckpt.every_steps=50", "log.every_steps=10", "train.check_every_steps=1"]
     job1 = start(args, tmp_path)
     try:
-        wait_for("job 1's first checkpoint", lambda: checkpoint.read_latest(run_dir / "checkpoints"), job1)
+        wait_for("job 1's first checkpoint", lambda: store.read_latest(run_dir / "checkpoints"), job1)
         before = _snapshot(run_dir)
         job2 = run(args, timeout=120)
         assert job1.poll() is None, "job 1 must still be running for this test to mean anything"
@@ -241,7 +241,7 @@ def test_a_syntax_error_in_the_users_module_names_its_line(tmp_path):
 
 def test_a_worker_whose_launcher_is_already_gone_stops_at_once():
     """The race die_with_parent closes: the parent died before the prctl, so no signal will come."""
-    code = "from launch import lifeline; lifeline.die_with_parent(); print('still here')"
+    code = "from launch.processes import lifeline; lifeline.die_with_parent(); print('still here')"
     p = run([PY, "-c", code], timeout=60, LAUNCH_PARENT_PID="1")  # pid 1 is not this process's parent
     if os.getppid() == 1 or psutil.Process().ppid() == 1:
         pytest.skip("this test process runs as a child of pid 1")

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from launch import config
-from launch.dist import DistEnv, Runtime
 from launch.errors import UserError
-from launch.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
-from launch.task import Task
+from launch.observe.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
+from launch.processes.dist import DistEnv, Runtime
+from launch.train.task import Task
 from tests import metric_checks
 from tests.helpers import PY, output, run, single
 
@@ -179,7 +179,7 @@ def _check(loss, metrics, model, x, y, *extra):
 
 
 def _cases():
-    from launch.model import NeuralNetwork
+    from launch.models.build import NeuralNetwork
     from tests.user_code import Linear1, OwnLoss, SeqGRU
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_a_model_with_its_own_loss_is_scored_by_import_path_metrics_only():
     """model.loss_arg: one forward gives the loss and the logits the metric function reads."""
     from launch.data.feeder import Feeder
     from launch.data.types import Split
-    from launch.evaluate import evaluate
+    from launch.train.evaluate import evaluate
     from tests import metric_fns
     from tests.user_models import HFLabels, LMConfig, MappingLM
 

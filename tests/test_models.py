@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from launch import config
-from launch.dist import DistEnv, setup
 from launch.errors import UserError
-from launch.logger import read_metrics
-from launch.loop import train
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.train.loop import train
 from tests.helpers import PY, output, run
 
 # A BatchNorm CNN on random-flipped, random-shifted images. 97 samples: with 2 ranks of 8 and two

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from launch import config
-from launch.dist import DistEnv, setup
-from launch.logger import read_metrics
-from launch.loop import train
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.train.loop import train
 from tests.helpers import PY, output, run
 from tests.test_models import max_diff, spawn, train_inproc
 

@@ -199,7 +199,7 @@ def entry(seq: int, op: str, sizes=(), done=True, pg="default_pg") -> dict:
 def test_the_hang_line_names_the_ranks_that_did_not_arrive():
     """The cases the mismatch job does not reach, from summaries as the ranks trade them: a rank
     that is behind (it posted, its last collective is older) and one that never posted."""
-    from launch.hangs import describe
+    from launch.processes.hangs import describe
 
     mine = [entry(6, "all_reduce", [[4]]), entry(7, "all_reduce", [[4]], done=False)]
     line = describe(0, mine, {1: [entry(6, "all_reduce", [[4]])], 2: None, 3: mine})

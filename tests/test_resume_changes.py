@@ -12,12 +12,13 @@ import time
 import pytest
 import torch
 
-from launch import checkpoint, config
-from launch.dist import DistEnv, setup
+from launch import config
+from launch.checkpoint import store
 from launch.errors import EXIT_NONFINITE, UserError
-from launch.logger import read_metrics
-from launch.loop import train
-from launch.stopping import Stopped
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.processes.stopping import Stopped
+from launch.train.loop import train
 from tests.helpers import PY, ROOT, SMALL, env
 from tests.test_failures import wait_for_step
 
@@ -31,8 +32,8 @@ def train_inproc(run_dir, *overrides):
 
 
 def final_state(run_dir) -> dict:
-    ckdir = checkpoint.checkpoint_dir(run_dir)
-    return checkpoint.load(ckdir / checkpoint.read_latest(ckdir))
+    ckdir = store.checkpoint_dir(run_dir)
+    return store.load(ckdir / store.read_latest(ckdir))
 
 
 def test_after_a_nan_a_lower_lr_resumes_from_the_last_good_checkpoint_and_is_used(tmp_path, monkeypatch):
@@ -55,7 +56,7 @@ def test_after_a_nan_a_lower_lr_resumes_from_the_last_good_checkpoint_and_is_use
 
 def test_a_checkpoint_path_with_a_new_lr_trains_with_the_new_lr(tmp_path):
     train_inproc(tmp_path / "a", "train.epochs=1")
-    start = tmp_path / "a" / "checkpoints" / checkpoint.read_latest(tmp_path / "a" / "checkpoints")
+    start = tmp_path / "a" / "checkpoints" / store.read_latest(tmp_path / "a" / "checkpoints")
     _, out = train_inproc(tmp_path / "b", f"ckpt.resume={start}", "train.lr=0.01", "train.epochs=2")
     assert "changed on resume at step 24: train.lr 0.1 -> 0.01" in out, out
     state = final_state(tmp_path / "b")
@@ -72,11 +73,11 @@ def test_extending_a_cosine_schedule_says_what_it_does_to_the_lr(tmp_path):
 
 def test_settings_that_define_the_run_are_refused_naming_them(tmp_path):
     train_inproc(tmp_path, "train.epochs=1")
-    before = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir())
+    before = sorted(p.name for p in store.checkpoint_dir(tmp_path).iterdir())
     with pytest.raises(UserError) as e:
         train_inproc(tmp_path, "train.epochs=2", "train.seed=7", "train.lr=0.3")
     assert "train.seed: 0 -> 7" in str(e.value) and "train.lr" not in str(e.value) and "define the run" in str(e.value)
-    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == before
+    assert sorted(p.name for p in store.checkpoint_dir(tmp_path).iterdir()) == before
 
 
 def remove_under_writer(path, deadline_s: float = 90) -> None:
@@ -108,8 +109,8 @@ def test_a_run_directory_replaced_under_a_live_job_stops_it_and_the_new_job_is_a
     assert b.returncode == 0 and "resumed from" not in b.stdout, b.stdout + b.stderr
     records = read_metrics(run_dir)
     assert records and all(r["lr"] == 0.05 for r in records)
-    for f in checkpoint.checkpoint_dir(run_dir).glob("step_*.pt"):
-        assert checkpoint.load(f)["config"]["train"]["lr"] == 0.05
+    for f in store.checkpoint_dir(run_dir).glob("step_*.pt"):
+        assert store.load(f)["config"]["train"]["lr"] == 0.05
 
 
 def test_a_save_into_a_removed_run_directory_does_not_make_it_again(tmp_path):
@@ -117,5 +118,5 @@ def test_a_save_into_a_removed_run_directory_does_not_make_it_again(tmp_path):
     the save fails with one line instead of creating the directory for the next job there to resume."""
     run_dir = tmp_path / "gone"
     with pytest.raises(UserError) as e:
-        checkpoint.save({"model": {"w": torch.zeros(2)}, "step": 4}, run_dir, 4, keep_last=2)
+        store.save({"model": {"w": torch.zeros(2)}, "step": 4}, run_dir, 4, keep_last=2)
     assert not run_dir.exists() and "cannot write checkpoint" in str(e.value) and "\n" not in str(e.value), str(e.value)

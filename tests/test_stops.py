@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 
-from launch import checkpoint
+from launch.checkpoint import store
 from launch.errors import EXIT_STOPPED
 from tests.helpers import PY, ROOT, SMALL, TORCHRUN, env, wait_for
 from tests.test_failures import start_training, wait_for_step
@@ -31,7 +31,7 @@ def test_a_stop_file_under_torchrun_max_restarts_is_not_restarted(tmp_path):
     m = re.search(r"stopped by stop file \S+ at step (\d+)", err)
     assert m and "exit 0 under torchrun" in err, err
     assert (tmp_path / "STOPPED").read_text().startswith(f"stopped by stop file {tmp_path / 'STOP'} at step {m.group(1)}")
-    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.read_latest(tmp_path / "checkpoints"))["step"] == int(m.group(1))
+    assert store.load(tmp_path / "checkpoints" / store.read_latest(tmp_path / "checkpoints"))["step"] == int(m.group(1))
     assert not (tmp_path / "STOP").exists()
 
 

@@ -12,10 +12,10 @@ from launch.data.feeder import make_feeder
 from launch.data.types import Split
 from launch.errors import UserError
 from launch.examples import token_stream
-from launch.logger import read_metrics
-from launch.stopping import Stopped
-from tests.test_models import max_diff, spawn, train_inproc
+from launch.observe.logger import read_metrics
+from launch.processes.stopping import Stopped
 from tests.helpers import output
+from tests.test_models import max_diff, spawn, train_inproc
 from tests.user_models import CountingStream
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "train.optimizer=sgd", "train.lr=0.5", "log.progress=false", "train.device=cpu"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from launch import config
-from launch.dist import DistEnv, setup
 from launch.errors import UserError
-from launch.logger import read_metrics
-from launch.loop import train
+from launch.observe.logger import read_metrics
+from launch.processes.dist import DistEnv, setup
+from launch.train.loop import train
 from tests.helpers import PY, output, run, torchrun
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.optimizer=adamw", "train.lr=0.01", "log.progress=false", "train.device=cpu"]

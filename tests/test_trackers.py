@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from launch.errors import UserError
-from launch.logger import read_metrics
+from launch.observe.logger import read_metrics
 from tests.helpers import PY, ROOT, output, run, single, spawn
 
 FAST = ["log.every_steps=4", "train.check_every_steps=1"]  # 12 steps per epoch at --nproc 2: a step record at each epoch's end too
@@ -68,7 +68,7 @@ def per_key(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def relays_of(run_dir) -> list:
-    return [p for p in psutil.process_iter(["cmdline"]) if "launch.trackers.relay" in (p.info["cmdline"] or []) and str(run_dir) in p.info["cmdline"]]
+    return [p for p in psutil.process_iter(["cmdline"]) if "launch.observe.trackers.relay" in (p.info["cmdline"] or []) and str(run_dir) in p.info["cmdline"]]
 
 
 # --------------------------------------------------------------------------- stop, crash, rerun
@@ -153,7 +153,8 @@ def test_a_missing_tracker_is_one_line_before_anything_is_written(tmp_path):
 
 
 def test_mlflow_asks_for_its_sqlite_store_and_unknown_names_are_refused(monkeypatch):
-    from launch import config, trackers
+    from launch import config
+    from launch.observe import trackers
 
     if not _have("mlflow"):
         pytest.skip("mlflow not installed (the [mlflow] extra)")
@@ -206,7 +207,7 @@ def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path):
 def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path):
     """The rules on their own: a step's second record adds only what it lacks; after a restart,
     records at or before the last logged step are skipped (a recomputed record), new ones go on."""
-    from launch.trackers import relay
+    from launch.observe.trackers import relay
 
     meta = {"name": "t", "project": "", "config": {"train": {"lr": 0.1}}}
     opening = json.dumps({"open": {"names": ["tests.user_trackers:Recorder"], "meta": meta}})
@@ -240,7 +241,7 @@ def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path):
 def test_a_fresh_start_moves_the_tracker_runs_aside_with_the_rest(tmp_path):
     """ckpt.resume=never: trackers.json, wandb/ and mlflow.db go with the previous run, so the new
     run opens new tracker runs instead of continuing (and skipping the steps of) the old ones."""
-    from launch import rundir
+    from launch.checkpoint import rundir
 
     for name in ("trackers.json", "trackers.log", "mlflow.db", "metrics.jsonl"):
         (tmp_path / name).write_text("x")

@@ -38,7 +38,7 @@ def collect(args) -> tuple[list[tuple[str, str]], list[str], list[str], object]:
     import torch
     import torch.distributed as dist
 
-    from launch import dist as dist_mod
+    from launch.processes import dist as dist_mod
 
     rows: list[tuple[str, str]] = []
     problems: list[str] = []

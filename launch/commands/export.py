@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch import checkpoint
+from launch.checkpoint import store
 from launch.errors import UserError
 
 
@@ -25,9 +25,9 @@ def add_arguments(p) -> None:
 def resolve(source: str, step=None) -> Path:
     p = Path(source)
     if p.is_dir() and p.suffix != ".dcp":
-        ckdir = checkpoint.checkpoint_dir(p)
-        found = [c for c in checkpoint.committed(ckdir) if step is None or int(c.stem[5:]) == step]
-        latest = checkpoint.read_latest(ckdir)
+        ckdir = store.checkpoint_dir(p)
+        found = [c for c in store.committed(ckdir) if step is None or int(c.stem[5:]) == step]
+        latest = store.read_latest(ckdir)
         if step is None and latest and (ckdir / latest).exists():
             return ckdir / latest
         if not found:
@@ -43,9 +43,9 @@ def weights(path: Path) -> dict:
     if path.is_dir():
         from launch.parallel import dcp
 
-        checkpoint.verify_here(path)
+        store.verify_here(path)
         return dcp.export(path)
-    return checkpoint.load(path)["model"]
+    return store.load(path)["model"]
 
 
 def run(args) -> int:
@@ -53,6 +53,6 @@ def run(args) -> int:
     state = weights(path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out = Path(args.output) if args.output else run_dir / f"model.{path.name.split('.')[0]}.pt"
-    checkpoint.save_weights(out, state)
+    store.save_weights(out, state)
     print(f"wrote {out} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values) from {path}")
     return 0

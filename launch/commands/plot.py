@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.errors import UserError
-from launch.logger import read_metrics
+from launch.observe.logger import read_metrics
 
 # series: label -> (xs, ys) or (xs, ys, matplotlib line kwargs)
 Series = dict

@@ -4,7 +4,7 @@ SOURCE is a run directory (its newest committed checkpoint, else model.pt + conf
 checkpoint file, or a bare model.pt (its run's config.yaml, or --config). Inputs are the run's
 own dataset (--split) or a CSV/NPZ file of raw features (--input): the transform and class names
 saved in the checkpoint's data_state turn raw features into model inputs and indices back into
-the original labels. Evaluation reuses launch.evaluate on a launch.data.feeder.Feeder, the same
+the original labels. Evaluation reuses launch.train.evaluate on a launch.data.feeder.Feeder, the same
 code that produced the training run's eval metrics. Classifiers write labels and probabilities,
 regressions their predicted values; sequence models support --eval.
 """
@@ -17,19 +17,20 @@ from pathlib import Path
 
 import torch
 
-from launch import checkpoint, config as config_mod
+from launch import config as config_mod
+from launch.checkpoint import store
 from launch.commands import export
 from launch.config.validate import metrics as validate_metrics
 from launch.data.build import build_data
 from launch.data.feeder import Feeder
 from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
 from launch.data.types import Split, call_model, model_output
-from launch.dist import DistEnv, Runtime, resolve_device
 from launch.errors import UserError
-from launch.evaluate import evaluate
-from launch.model import build_model, clean_state_dict
-from launch.optim import autocast_context
-from launch.task import Task
+from launch.models.build import build_model, clean_state_dict
+from launch.processes.dist import DistEnv, Runtime, resolve_device
+from launch.train.evaluate import evaluate
+from launch.train.optim import autocast_context
+from launch.train.task import Task
 
 
 def add_arguments(p) -> None:
@@ -49,9 +50,9 @@ def load_source(source: str, config_path=None):
     """(state_dict, config, data_state or None, the file the weights came from)."""
     p = Path(source)
     if p.is_dir() and p.suffix != ".dcp":
-        latest = checkpoint.read_latest(checkpoint.checkpoint_dir(p))
-        if latest and (checkpoint.checkpoint_dir(p) / latest).exists():
-            p = checkpoint.checkpoint_dir(p) / latest
+        latest = store.read_latest(store.checkpoint_dir(p))
+        if latest and (store.checkpoint_dir(p) / latest).exists():
+            p = store.checkpoint_dir(p) / latest
         elif (p / "model.pt").is_file():
             p = p / "model.pt"
         else:
@@ -60,14 +61,14 @@ def load_source(source: str, config_path=None):
         raise UserError(f"{source}: no such file or run directory")
     try:
         # a sharded checkpoint (a .dcp directory) is read whole here, as `launch export` does
-        weights, ckpt = (export.weights(p), checkpoint.load(p)) if p.is_dir() else checkpoint.load_weights(p)
-    except checkpoint.CheckpointError:
+        weights, ckpt = (export.weights(p), store.load(p)) if p.is_dir() else store.load_weights(p)
+    except store.CheckpointError:
         raise
     except Exception as e:  # torch.load's unpickler can fail in other ways on arbitrary bytes (e.g. IndexError)
-        raise checkpoint.CheckpointError(f"checkpoint {p}: unreadable (not a torch file: {type(e).__name__})") from None
+        raise store.CheckpointError(f"checkpoint {p}: unreadable (not a torch file: {type(e).__name__})") from None
     if ckpt is not None and config_path is None:
         if not isinstance(ckpt.get("config"), dict):
-            raise checkpoint.CheckpointError(f"checkpoint {p}: holds no saved config")
+            raise store.CheckpointError(f"checkpoint {p}: holds no saved config")
         return weights, config_mod.from_dict(ckpt["config"]), ckpt.get("data_state"), p
     cfg_file = Path(config_path) if config_path else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "config.yaml"
     if not cfg_file.is_file():
@@ -140,7 +141,7 @@ def run(args) -> int:
     try:
         model.load_state_dict(clean_state_dict(weights))
     except RuntimeError as e:
-        raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit the model of its config ({' '.join(str(e).split())[:200]})") from None
+        raise store.CheckpointError(f"checkpoint {origin}: does not fit the model of its config ({' '.join(str(e).split())[:200]})") from None
     split, where, raw_labels = _split(args, cfg, bundle, state, in_features, names, regression)
     feeder = Feeder(split, cfg, device, 0, 1, args.batch_size or cfg.data.eval_batch_size)
     if args.eval:

@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 import yaml
 
+from launch.checkpoint.integrity import atomic_write_text
 from launch.config.fields import Config
 from launch.config.validate import validate
 from launch.config.yaml_loader import MAX_CONFIG_BYTES, yaml_text as _yaml
 from launch.errors import UserError
-from launch.integrity import atomic_write_text
 
 
 def _type_name(tp) -> str:

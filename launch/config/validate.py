@@ -5,7 +5,7 @@ type while they are read: launch.config.parse.)"""
 from __future__ import annotations
 
 from launch.errors import UserError
-from launch.trackers import TRACKERS
+from launch.observe.trackers import TRACKERS
 
 BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist", "tokens")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")

@@ -9,7 +9,6 @@ import yaml
 
 from launch.errors import UserError
 
-
 # Bounds on one YAML text. PyYAML builds an alias as a shared reference, so a "billion laughs" bomb parses
 # in microseconds and explodes only when the tree is walked (asdict, safe_dump of the saved config): the
 # composer counts values and depth as the expanded tree would hold them. No real config comes near.

@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset
 
 from launch.data.types import DataBundle, Split, check_tensors, split_item
 from launch.errors import UserError
-from launch.randomness import preserved
+from launch.train.randomness import preserved
 from launch.user_code import build_kwargs, call, import_object
 
 

@@ -19,10 +19,10 @@ from typing import Iterator
 
 import torch
 
+from launch.data.loader import data_loader
 from launch.data.order import epoch_permutation, global_samples, micro_steps, rank_eval_indices, rank_share, steps_per_epoch
 from launch.data.seeding import EVAL_EPOCH, SeededDataset, keys
 from launch.data.types import Split, Step, split_item, tree_map
-from launch.data.loader import data_loader
 
 
 class _BatchSampler:

@@ -9,7 +9,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from launch import lifeline
+from launch.processes import lifeline
 from launch.user_code import import_object
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launch.data.tabular import apply_transform
 from launch.data.types import DataBundle, Split
 from launch.errors import UserError
-from launch.data.tabular import apply_transform
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset, get_worker_info
 
-from launch.randomness import mix, preserved, seed_cpu
+from launch.train.randomness import mix, preserved, seed_cpu
 
 EVAL_EPOCH = -1  # evaluation samples: their own key, the same in every epoch
 

@@ -31,7 +31,7 @@ from launch.data.loader import collate_fn, data_loader
 from launch.data.seeding import EVAL_EPOCH
 from launch.data.types import Split, Step, split_item, tree_map
 from launch.errors import UserError
-from launch.randomness import mix, preserved, seed_cpu
+from launch.train.randomness import mix, preserved, seed_cpu
 
 
 def _reader(dataset, seed: int, epoch: int, seed_samples: bool, state=None, first: int = 0):

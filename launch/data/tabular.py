@@ -20,7 +20,6 @@ import torch
 from launch.data.types import DataBundle, Split
 from launch.errors import UserError
 
-
 # --------------------------------------------------------------------------- the shared transform
 
 

@@ -11,7 +11,7 @@ as it is (configs/nanogpt.yaml):
     train.ignore_index: -1           # nanoGPT's ignored target
 
 The network itself is the example transformer of launch.examples.sums_lm (pre-LN blocks, causal
-attention), with dropout: under DDP each rank draws its own masks (launch.randomness).
+attention), with dropout: under DDP each rank draws its own masks (launch.train.randomness).
 """
 
 from __future__ import annotations

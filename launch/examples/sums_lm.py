@@ -184,8 +184,9 @@ def write_token_files(directory: str, n: int = 8000, n_eval: int = 2000, digits:
     """The sums back to back as token files in nanoGPT's layout (train.bin, val.bin: uint16 ids), for
     data.name=tokens and the token-stream example: the shipped data/tokens/ is
     `write_token_files("data/tokens")`."""
-    import numpy as np
     from pathlib import Path
+
+    import numpy as np
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     for split, name in (("train", "train.bin"), ("eval", "val.bin")):

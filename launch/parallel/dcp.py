@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch import integrity
-from launch.checkpoint import FORMAT, SHARDED_STATE as STATE, CheckpointError, checkpoint_dir, make_checkpoint_dir, manifest_path
-from launch.dist import Runtime, gather_to_main, save_barrier
-from launch.integrity import WriteError
+from launch.checkpoint import integrity
+from launch.checkpoint.integrity import WriteError
+from launch.checkpoint.store import FORMAT, SHARDED_STATE as STATE, CheckpointError, checkpoint_dir, make_checkpoint_dir, manifest_path
+from launch.processes.dist import Runtime, gather_to_main, save_barrier
 
 SUFFIX = ".dcp"
 _ALLOWED = {
@@ -130,8 +130,7 @@ def save(model, optimizer, rest: dict, run_dir: Path, step: int, rt: Runtime, be
     writes, shares out the hashing and has rank 0 write the manifest and rename the directory into
     place, returning it. With `async_group` the writes run in the background on that group (training
     waits only for the copy of its shards): call finish() later, before the next save."""
-    from torch.distributed.checkpoint import FileSystemWriter, async_save
-    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint import FileSystemWriter, async_save, save as dcp_save
 
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launch import checkpoint, state as state_mod
+from launch.checkpoint import state as state_mod, store
 from launch.errors import UserError
-from launch.model import clean_state_dict
+from launch.models.build import clean_state_dict
 from launch.parallel import sync_bn
 from launch.parallel.blocks import activation_checkpointing, blocks
 
@@ -89,9 +89,9 @@ class Replicated:
     # ---------------------------------------------------------------- checkpoints
 
     def write_checkpoint(self, t, at, cfg, data_state: dict, rngs, stall, final: bool = True) -> None:
-        """A full checkpoint, one file, written by rank 0 (launch.checkpoint)."""
+        """A full checkpoint, one file, written by rank 0 (launch.checkpoint.store)."""
         if self.rt.env.is_main:
-            path = checkpoint.save(state_mod.capture(t, at, cfg, self.k, data_state, rngs), cfg.run_dir, at.step, cfg.ckpt.keep_last, stall)
+            path = store.save(state_mod.capture(t, at, cfg, self.k, data_state, rngs), cfg.run_dir, at.step, cfg.ckpt.keep_last, stall)
             self.say(f"saved {path}")
 
     def load_state(self, t, ckpt: dict, origin: Path, rt) -> None:

@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
-from launch import checkpoint, state as state_mod
+from launch.checkpoint import state as state_mod, store
 from launch.errors import UserError
-from launch.model import clean_state_dict
+from launch.models.build import clean_state_dict
 from launch.parallel.blocks import activation_checkpointing, blocks
 from launch.parallel.ddp import Replicated
 
@@ -115,10 +115,10 @@ class Sharded(Replicated):
             pending()
 
     def _commit(self, finish, keep_last: int, run_dir) -> None:
-        previous = checkpoint.read_latest(checkpoint.checkpoint_dir(run_dir))
+        previous = store.read_latest(store.checkpoint_dir(run_dir))
         path = finish()
         if self.rt.env.is_main:
-            checkpoint.commit(path, keep_last, previous)
+            store.commit(path, keep_last, previous)
             self.say(f"saved {path}")
 
     def load_state(self, t, ckpt: dict, origin, rt) -> None:

@@ -2,7 +2,7 @@
 
 What is timed, everywhere: the training epochs only (data iteration, forward, backward, optimizer
 step, and for our loop its per-step bookkeeping and periodic agreement), never process start-up,
-model construction, evaluation or checkpoint writing. Our loop is the real `launch.loop.train`,
+model construction, evaluation or checkpoint writing. Our loop is the real `launch.train.loop.train`,
 called in-process; its own epoch timer (recorded as samples_per_s in metrics.jsonl) gives the
 epoch times. The other loops are timed the same way, one epoch at a time, with a device
 synchronisation at each epoch end. Each number is the median of several repetitions of the whole
@@ -23,10 +23,10 @@ import torch
 
 from launch.commands.bench.data import data_section
 from launch.commands.bench.memory import memory_section
-from launch.commands.bench.report import markdown, plot
-from launch.commands.bench.workloads import SEED_SCALES, SWEEP_CONFIG, mlp_params
 from launch.commands.bench.peers import peer_comparison
+from launch.commands.bench.report import markdown, plot
 from launch.commands.bench.sections import big_batch, crossover, ddp_world1, ddp_world2_cpu, overhead, sweep
+from launch.commands.bench.workloads import SEED_SCALES, SWEEP_CONFIG, mlp_params
 
 SECTIONS = ("sweep", "big", "overhead", "peers", "ddp", "data", "memory")
 

@@ -51,7 +51,7 @@ def seeding_cost(reps: int, n: int = 20000) -> dict:
     import torch
 
     from launch.data.seeding import SeededDataset
-    from launch.randomness import mix, seed_cpu
+    from launch.train.randomness import mix, seed_cpu
 
     class Trivial:
         def __getitem__(self, i):

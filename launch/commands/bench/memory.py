@@ -33,8 +33,9 @@ def _worker(rank: int, k: int, port: int, strategy: str, device: str, out_dir: s
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(k), LOCAL_WORLD_SIZE=str(k),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1")
     torch.set_num_threads(1)
-    from launch import config, dist as dist_mod, parallel
-    from launch.model import NeuralNetwork
+    from launch import config, parallel
+    from launch.models.build import NeuralNetwork
+    from launch.processes import dist as dist_mod
 
     cfg = config.load(None, [f"train.device={device}", f"dist.strategy={strategy}", "log.progress=false"])
     rt = dist_mod.setup(cfg, dist_mod.detect()) if k > 1 else dist_mod.setup(cfg, dist_mod.DistEnv("plain"))

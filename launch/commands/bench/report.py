@@ -75,8 +75,8 @@ def plot(res: dict, path: Path) -> bool:
     seeds' M2 Max times at their nine sizes. Right, where overhead or peers ran: each loop's median
     time per device against the parameters (our loop, the bare loop, the seeds' DataLoader loop,
     Lightning and Accelerate where installed)."""
-    from launch.errors import UserError
     from launch.commands.plot import line_plot
+    from launch.errors import UserError
 
     epochs_label = f"seconds for {res['config']['epochs']} epochs of 1000 samples"
     panels = []

@@ -104,10 +104,10 @@ def overhead(cfg_path, scale: int, device: str, reps: int, epochs: int, compile_
 
 def ddp_world1(cfg_path, scale: int, device: str, reps: int, epochs: int) -> dict:
     """Our loop at world size 1, wrapped in DDP (a real one-rank process group) vs not."""
-    from launch.dist import DistEnv, free_port, setup, teardown
     from launch import config
-    from launch.loop import train
-    from launch.logger import read_metrics
+    from launch.observe.logger import read_metrics
+    from launch.processes.dist import DistEnv, free_port, setup, teardown
+    from launch.train.loop import train
 
     ov = [*scale_overrides(cfg_path, scale), f"train.epochs={epochs}"]
     cfg0 = config.load(str(cfg_path), [*ov, f"train.device={device}"])
@@ -131,7 +131,7 @@ def ddp_world1(cfg_path, scale: int, device: str, reps: int, epochs: int) -> dic
 def ddp_world2_cpu(cfg_path, scale: int, reps: int, epochs: int, warmup: bool = True) -> dict:
     """CPU: two gloo processes at half the batch each vs one process, same global batch (10).
     Both timed by the loop's own epoch clock; the 2-process runs are real `train_ddp.py --nproc 2`."""
-    from launch.logger import read_metrics
+    from launch.observe.logger import read_metrics
 
     ov = [*scale_overrides(cfg_path, scale), f"train.epochs={epochs}"]
 

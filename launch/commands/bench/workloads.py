@@ -80,13 +80,13 @@ def peak_tflops(device: torch.device, precision: str):
 
 
 def ours(cfg_path, overrides: list[str], device: str, keep_weights: bool = True) -> dict:
-    """One run of the real launch.loop.train in this process; returns its epoch times (s), and with
+    """One run of the real launch.train.loop.train in this process; returns its epoch times (s), and with
     `keep_weights` its final weights (model.pt). The run's final checkpoint is written as always,
     after the last timed epoch, into a temporary directory removed afterwards."""
     from launch import config
-    from launch.dist import DistEnv, setup
-    from launch.logger import read_metrics
-    from launch.loop import train
+    from launch.observe.logger import read_metrics
+    from launch.processes.dist import DistEnv, setup
+    from launch.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="launch-bench-") as tmp:
         cfg = config.load(str(cfg_path), [*overrides, f"run.dir={tmp}", f"train.device={device}", "ckpt.resume=never", "ckpt.every_epochs=0", "log.progress=false"])
@@ -112,12 +112,12 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def workload(cfg_path, overrides, device):
-    """The same data, initial weights and hyper-parameters launch.loop.train would use. The one
-    place the bench reaches past the core's public surface (launch.config, launch.loop.train):
-    launch.data.build and launch.model build them exactly as the loop does."""
+    """The same data, initial weights and hyper-parameters launch.train.loop.train would use. The one
+    place the bench reaches past the core's public surface (launch.config, launch.train.loop.train):
+    launch.data.build and launch.models.build build them exactly as the loop does."""
     from launch import config
     from launch.data.build import build_data as build
-    from launch.model import build_model
+    from launch.models.build import build_model
 
     cfg = config.load(str(cfg_path), overrides)
     data = build(cfg)

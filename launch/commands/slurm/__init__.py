@@ -4,7 +4,7 @@ Three layouts, one renderer (the scripts in slurm/ are its output, so they canno
 - torchrun, 1 node  (single_node): one task; `torchrun --standalone` starts one worker per device;
 - torchrun, N nodes (multi_node):  one task per node; `srun torchrun` agents meet over c10d at the
   first host of the allocation, on a port derived from the job id;
-- srun (srun_tasks): one task per device, no torchrun; launch/dist.py maps SLURM_PROCID etc.
+- srun (srun_tasks): one task per device, no torchrun; launch/processes/dist.py maps SLURM_PROCID etc.
 
 Preemption route (the same in all three): `--signal=B:USR1@120` reaches the batch script only
 (never the step: under `srun torchrun` that would kill torchrun's agent and orphan its workers).

@@ -6,7 +6,6 @@ import shlex
 
 from launch.commands.slurm.spec import Spec
 
-
 HEADERS = {
     "single_node": "One node: one task runs `torchrun --standalone`, which starts one worker per {unit}.",
     "multi_node": "Several nodes: one task per node runs a torchrun agent; the agents rendezvous (c10d) at the first node.",
@@ -130,7 +129,7 @@ def _launch(s: Spec) -> list[str]:
         ]
     else:
         lines += [
-            "# Never torchrun here: each task is one rank (launch/dist.py reads SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS).",
+            "# Never torchrun here: each task is one rank (launch/processes/dist.py reads SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS).",
             f'{srun} "$PYTHON" train_ddp.py "${{ARGS[@]}}" &',
         ]
     return lines

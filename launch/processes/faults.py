@@ -9,7 +9,7 @@ LAUNCH_FAULT holds ';'-separated items `kind:key=value:...`, for example
 - stall_save: sleep `seconds` between writing a checkpoint and renaming it (kill the writer there);
 - mismatch: call one extra collective (a barrier) before the step, as a model that calls a
   collective on some ranks only would: from there on the ranks' collectives no longer pair up and
-  the job hangs until dist.timeout_s (see launch.hangs). (An extra all_reduce whose size differs
+  the job hangs until dist.timeout_s (see launch.processes.hangs). (An extra all_reduce whose size differs
   from the peer's is no hang: gloo aborts the process with its own "collective mismatch" message.)
 `rank` (default any) and `attempt` (TORCHELASTIC_RESTART_COUNT, default any) narrow an item.
 With LAUNCH_FAULT_MARK=PATH, raise, kill and mismatch first write the time (time.time()) to PATH, so a test

@@ -1,4 +1,4 @@
-"""The tracker relay: `python -m launch.trackers.relay RUN_DIR`, started and fed by rank 0 (launch.trackers.pipe).
+"""The tracker relay: `python -m launch.observe.trackers.relay RUN_DIR`, started and fed by rank 0 (launch.observe.trackers.pipe).
 
 It reads JSON lines from stdin: {"open": {names, meta}} first, then {"record": ...} per metrics.jsonl
 record, and {"end": model_path} when the run finished. The end of stdin, whichever way rank 0 left,
@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch import integrity
-from launch.trackers import STATE, STOPPED, _short, load, numbers
+from launch.checkpoint import integrity
+from launch.observe.trackers import STATE, STOPPED, _short, load, numbers
 
 FINISH_S = 120
 LOCK = ".trackers.lock"

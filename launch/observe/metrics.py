@@ -1,7 +1,7 @@
 """Evaluation metrics beyond the loss (`train.metrics`): which fit the task, what each batch adds,
 and their values over the whole evaluation split, the same for any world size.
 
-A batch reaches the metrics as a `View` (made by launch.task): its predictions read as classes
+A batch reaches the metrics as a `View` (made by launch.train.task): its predictions read as classes
 (logits [M, C] with labels [M], one row per element: per token for sequences, targets equal to
 train.ignore_index marked invalid), as binary decisions (bce_with_logits: one logit per element), as
 regression values, or only as the model's raw output (user functions). Two kinds of metric:
@@ -10,7 +10,7 @@ regression values, or only as the model's raw output (user functions). Two kinds
   which ride along with the loss's one all-reduce: exact (integers up to 2**53) and O(classes).
 - gathered: auroc and import-path functions need every prediction at once. Each rank keeps only what
   they read (one score, or one row of C log-probabilities, per element; a user function gets the
-  model's output per sample), and launch.gather brings the rows to rank 0 in sample order; rank 0
+  model's output per sample), and launch.observe.gather brings the rows to rank 0 in sample order; rank 0
   computes and shares the values.
 Nothing is computed or kept for a metric that was not asked for.
 """
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from launch.config.validate import BUILTIN_METRICS
 from launch.errors import UserError
-from launch.gather import gather_rows, share
-from launch.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
+from launch.observe.gather import gather_rows, share
+from launch.observe.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
 from launch.user_code import call, import_object
 
 FITS = {"accuracy": ("class", "binary"), "top5": ("class",), "f1_macro": ("class", "binary"), "auroc": ("class", "binary"),
@@ -38,7 +38,7 @@ GATHERED = ("auroc",)
 
 @dataclass
 class View:
-    """One batch's predictions as the metrics read them (launch.task makes it)."""
+    """One batch's predictions as the metrics read them (launch.train.task makes it)."""
 
     kind: Optional[str]  # class | binary | regression | None (only import-path metrics apply)
     output: torch.Tensor  # the model's output tensor as it returned it, [N, ...]

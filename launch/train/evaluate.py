@@ -1,5 +1,5 @@
 """Exact distributed evaluation: each sample on one rank, float64 sums and counts all-reduced, divided once;
-metrics that need every prediction gathered onto rank 0 in sample order (launch.metrics, launch.gather)."""
+metrics that need every prediction gathered onto rank 0 in sample order (launch.observe.metrics, launch.observe.gather)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from launch.data.feeder import Feeder
-from launch.dist import Runtime, all_reduce_sum
-from launch.optim import autocast_context
-from launch.task import Task
+from launch.processes.dist import Runtime, all_reduce_sum
+from launch.train.optim import autocast_context
+from launch.train.task import Task
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, feeder: Feeder, rt: Runtime, cfg, lockstep: bool = False) -> dict:
-    """{'eval_loss', then 'eval_<metric>' for each of train.metrics that applies (launch.metrics;
+    """{'eval_loss', then 'eval_<metric>' for each of train.metrics that applies (launch.observe.metrics;
     by default 'eval_accuracy' for classification losses, per element: per token for sequences,
     ignored targets left out), 'eval_samples'}. `model` must be the bare module (no DDP forward, so
     no hidden collectives). With `lockstep` (a sharded model: every forward gathers parameters from

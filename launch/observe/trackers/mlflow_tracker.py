@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launch.trackers import require
+from launch.observe.trackers import require
 
 BATCH = 100  # parameters per call (MLflow takes up to 100 per log_batch)
 MAX_PARAM = 6000  # MLflow's limit on a parameter's value

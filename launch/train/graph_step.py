@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from launch.errors import UserError
-from launch.optim import autocast_context
-from launch.step import LossTally, TrainStep
+from launch.train.optim import autocast_context
+from launch.train.step import LossTally, TrainStep
 
 WARMUP = 3
 # Eager steps are launch-bound while 6 x parameters x batch (the step's FLOPs) stays far below what

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launch import lifeline
+from launch.checkpoint.integrity import cause, fsync_dir, stamp, unused
 from launch.errors import UserError
-from launch.integrity import cause, fsync_dir, stamp, unused
+from launch.processes import lifeline
 
 try:
     import fcntl
@@ -37,7 +37,7 @@ LOCK_NAME = ".lock"
 # What a run writes into its directory (ckpt.resume=never moves these, and only these: run.dir may
 # be a folder that holds other things too).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model.pt", "model.manifest.json", "checkpoints", "tb", "profile", "curves.png",
-             "trackers.json", "trackers.log", "wandb", "mlflow.db", "mlartifacts")  # the trackers: launch.trackers
+             "trackers.json", "trackers.log", "wandb", "mlflow.db", "mlartifacts")  # the trackers: launch.observe.trackers
 RUN_PATTERNS = ("config.yaml.*", "metrics.jsonl.*", "model.pt.*", "model.manifest.json.*", "checkpoints.old-*")
 
 
@@ -81,7 +81,7 @@ class RunLock:
 
     def __init__(self, fd: Optional[int] = None, path: Optional[Path] = None):
         self.fd, self.path = fd, path
-        self.before_release: list = []  # called first, however the job ends (the trackers' finish: launch.logger)
+        self.before_release: list = []  # called first, however the job ends (the trackers' finish: launch.observe.logger)
 
     def still_ours(self) -> bool:
         """False once the run directory was removed or replaced under this job: its lock file is gone,

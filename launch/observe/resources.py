@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import psutil
 import torch
 
-from launch.dist import Runtime, all_reduce_sum
+from launch.processes.dist import Runtime, all_reduce_sum
 
 
 class ResourceMeter:

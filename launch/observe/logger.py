@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch import integrity, trackers
+from launch.checkpoint import integrity
 from launch.errors import UserError
-from launch.trackers.pipe import Relay
-
+from launch.observe import trackers
+from launch.observe.trackers.pipe import Relay
 
 # TensorBoard tags for record fields; other numeric fields go under "other/".
 TB_TAGS = {
@@ -42,12 +42,12 @@ def check_trackers(names: list[str]) -> None:
 class MetricsLog:
     """Appends one JSON object per record to <run dir>/metrics.jsonl (rank 0 only), mirrors its
     numbers as TensorBoard scalars under <run dir>/tb, and hands each record to the other trackers'
-    relay (launch.trackers); x axis: the optimizer step."""
+    relay (launch.observe.trackers); x axis: the optimizer step."""
 
     def __init__(self, run_dir: Path, enabled: bool, names=(), purge_step: int = 0, meta: Optional[dict] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.guard = None  # rank 0: False once the run directory was replaced (launch.rundir.RunLock.still_ours)
+        self.guard = None  # rank 0: False once the run directory was replaced (launch.checkpoint.rundir.RunLock.still_ours)
         self.tb = self.relay = None
         if enabled and "tensorboard" in names:
             # purge_step drops events a resumed run will redo (as truncate_after does for metrics.jsonl).
@@ -96,10 +96,10 @@ class MetricsLog:
     def close(self, model: Optional[Path] = None) -> None:
         """The run finished (`model`: model.pt, its final weights): wait for the trackers' finish, so
         the job ends with their runs complete. Any other end (None: a stop, an error; called when the
-        run directory is let go, launch.rundir.RunLock) only ends the relay's input and leaves at once:
+        run directory is let go, launch.checkpoint.rundir.RunLock) only ends the relay's input and leaves at once:
         the other ranks are leaving too, and a launcher that sees them go takes down a rank that lingers.
         The relay finishes the runs by itself; should it be killed with the job, the rerun logs again
-        whatever had not been finished (launch.trackers.relay)."""
+        whatever had not been finished (launch.observe.trackers.relay)."""
         if self.tb is not None:
             self.tb.close()
             self.tb = None

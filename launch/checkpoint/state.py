@@ -1,6 +1,6 @@
 """What a checkpoint holds, taking it from a run and putting it back, and which one to resume from.
 
-The file format (launch.checkpoint) is unchanged since the first version: a checkpoint written
+The file format (launch.checkpoint.store) is unchanged since the first version: a checkpoint written
 before the loop was split into modules resumes after it (tests/fixtures/pre_split_run).
 """
 
@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from launch import checkpoint, randomness
-from launch.dist import Runtime, all_reduce_sum, gather_to_main, save_barrier
-from launch.model import clean_state_dict
+from launch.checkpoint import store
+from launch.models.build import clean_state_dict
+from launch.processes.dist import Runtime, all_reduce_sum, gather_to_main, save_barrier
+from launch.train import randomness
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: Optional[object]
-    ema: Optional[object] = None  # launch.ema.EMA when train.ema_decay > 0
+    ema: Optional[object] = None  # launch.train.ema.EMA when train.ema_decay > 0
 
 
 def optimizer_state(optimizer) -> dict:
@@ -82,7 +83,7 @@ def load_full(ckpt: dict, origin: Path, t: Trainables) -> None:
         t.model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
         detail = " ".join(str(e).split())
-        raise checkpoint.CheckpointError(f"checkpoint {origin}: does not fit this model ({detail[:300]})") from None
+        raise store.CheckpointError(f"checkpoint {origin}: does not fit this model ({detail[:300]})") from None
     t.optimizer.load_state_dict(ckpt["optimizer"])
     if t.ema is not None and ckpt.get("ema") is not None:
         t.ema.load(clean_state_dict(ckpt["ema"]), ckpt["ema_updates"])
@@ -123,14 +124,14 @@ def choose_resume(cfg, say: Callable[[str], None], verify_dir: Callable) -> tupl
     checkpoint's shards are verified by `verify_dir`, collectively)."""
     if cfg.ckpt.resume == "never":
         return None, None
-    found = checkpoint.find_resumable(cfg.run_dir, say, verify_dir)
+    found = store.find_resumable(cfg.run_dir, say, verify_dir)
     if found:
         if cfg.ckpt.resume != "auto":
             say(f"note: {cfg.run_dir} has its own checkpoints; resuming from them, not from ckpt.resume={cfg.ckpt.resume}")
         return found
     if cfg.ckpt.resume != "auto":
         path = Path(cfg.ckpt.resume)
-        state = checkpoint.load(path)
+        state = store.load(path)
         if path.is_dir():
             verify_dir(path)
         return path, state

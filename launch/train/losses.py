@@ -1,6 +1,6 @@
 """Losses a model computes itself, and the check that a sum is a sum.
 
-Two contracts (launch.task):
+Two contracts (launch.train.task):
 - `loss(self, batch) -> (loss_sum, count)`: a method of the model;
 - `model.loss_arg=NAME`: the model's forward takes the target as keyword NAME and returns its loss as
   `.loss`, `["loss"]` or the scalar tensor in a returned tuple (Hugging Face: `labels`, a mean over

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launch.trackers import require
+from launch.observe.trackers import require
 
 
 class WandbTracker:

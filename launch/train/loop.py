@@ -2,11 +2,11 @@
 
     run = start(cfg, rt)                      # data, model, loss, optimizer, resume, run directory
     for epoch in remaining epochs:
-        train_epoch(run)                      # optimizer steps (launch.step), agreement, checkpoints
+        train_epoch(run)                      # optimizer steps (launch.train.step), agreement, checkpoints
         record = finish_epoch(run)            # global train loss, exact eval, log, checkpoint
 
-Everything a step needs lives in launch.step; what a checkpoint holds in launch.state; the data
-order in launch.data.order; stop requests and their agreement in launch.stopping.
+Everything a step needs lives in launch.train.step; what a checkpoint holds in launch.checkpoint.state; the data
+order in launch.data.order; stop requests and their agreement in launch.processes.stopping.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from launch.dist import Runtime, all_reduce_sum
-from launch.evaluate import evaluate
-from launch.logger import epoch_line, progress_bar
-from launch.run import Run, start
-from launch.step import LossTally
-from launch.stopping import StopRequest, agree, nonfinite, stopped
+from launch.observe.logger import epoch_line, progress_bar
+from launch.processes.dist import Runtime, all_reduce_sum
+from launch.processes.stopping import StopRequest, agree, nonfinite, stopped
+from launch.train.evaluate import evaluate
+from launch.train.run import Run, start
+from launch.train.step import LossTally
 
 
 def train(cfg, rt: Runtime) -> dict:

@@ -2,9 +2,9 @@
 
 Error policy (see launch/errors.py):
 - user mistakes: one line from rank 0, exit 2, raised before the process group exists where possible;
-- a rendezvous problem (launch.rendezvous): one line from every rank that meets it, exit 2;
+- a rendezvous problem (launch.processes.rendezvous): one line from every rank that meets it, exit 2;
 - a peer died: one line, exit 4, no collective teardown (it could hang), the launcher reaps the rest;
-- a collective timed out (launch.hangs): one line per rank naming the collective, its number and
+- a collective timed out (launch.processes.hangs): one line per rank naming the collective, its number and
   the culprit, the flight record kept in <run dir>/hang/, exit 5;
 - anything else: the traceback, via torchrun's @record error file when under torchrun.
 """
@@ -19,7 +19,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from launch import lifeline  # first: it notes the parent pid before the slow imports
+from launch.processes import lifeline  # first: it notes the parent pid before the slow imports
 from launch import config as config_mod
 from launch.errors import EXIT_CRASH, EXIT_HANG, EXIT_PEER_FAILED, EXIT_STOPPED, EXIT_USAGE, UserError, fail
 
@@ -72,10 +72,10 @@ def _say_once(line: str) -> None:
 
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
-    from launch import dist as dist_mod, hangs
-    from launch.loop import train
-    from launch.rendezvous import RendezvousError
-    from launch.stopping import Stopped
+    from launch.processes import dist as dist_mod, hangs
+    from launch.processes.rendezvous import RendezvousError
+    from launch.processes.stopping import Stopped
+    from launch.train.loop import train
 
     try:
         env = dist_mod.detect()
@@ -133,7 +133,7 @@ def worker_main(cfg) -> NoReturn:
     at once: no interpreter teardown that could block on a half-dead process group."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from launch.dist import exit_hard
+    from launch.processes.dist import exit_hard
 
     try:
         code = record(run_worker)(cfg)
@@ -207,7 +207,7 @@ def _root_cause(ctx) -> int:
 def main_ddp(argv=None) -> None:
     cfg, nproc = parse(sys.argv[1:] if argv is None else argv, "train_ddp.py", ddp=True)
     if nproc is not None:
-        from launch import dist as dist_mod
+        from launch.processes import dist as dist_mod
 
         try:
             env = dist_mod.detect()

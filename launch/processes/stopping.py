@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from launch.dist import Runtime, all_reduce_sum
 from launch.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE
+from launch.processes.dist import Runtime, all_reduce_sum
 
 
 class Stopped(Exception):

@@ -22,9 +22,9 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from launch import hangs, rendezvous
 from launch.errors import UserError
-from launch.rendezvous import RendezvousError
+from launch.processes import hangs, rendezvous
+from launch.processes.rendezvous import RendezvousError
 
 
 @dataclass
@@ -149,11 +149,11 @@ class Runtime:
     device: torch.device
     backend: Optional[str]
     save_group: Optional[object] = None  # gloo group with a long timeout, for the checkpoint barrier
-    store: Optional[object] = None  # this attempt's rendezvous store (launch.hangs trades its records there)
+    store: Optional[object] = None  # this attempt's rendezvous store (launch.processes.hangs trades its records there)
 
 
 def _rendezvous(cfg, env: DistEnv):
-    """Probe and connect to the store, agree on the world (launch.rendezvous), within dist.timeout_s."""
+    """Probe and connect to the store, agree on the world (launch.processes.rendezvous), within dist.timeout_s."""
     deadline = time.monotonic() + cfg.dist.timeout_s
     # torchrun hosts the store in its agent (TORCHELASTIC_USE_AGENT_STORE) and so does our
     # spawn parent (LAUNCH_STORE_HOSTED); under srun rank 0 hosts it.

@@ -1,8 +1,8 @@
 """Experiment trackers (`log.tracker`): W&B, MLflow or a class of your own, fed by rank 0.
 
-TensorBoard is written in the training process (launch.logger). The others run in a relay process
-(launch.trackers.relay) that rank 0 starts and feeds through a pipe (launch.trackers.pipe), because
-every exit but a finish leaves through os._exit (launch.dist.exit_hard: no interpreter teardown that
+TensorBoard is written in the training process (launch.observe.logger). The others run in a relay process
+(launch.observe.trackers.relay) that rank 0 starts and feeds through a pipe (launch.observe.trackers.pipe), because
+every exit but a finish leaves through os._exit (launch.processes.dist.exit_hard: no interpreter teardown that
 could hang on a half-dead process group) and W&B writes its run file in 32 KiB blocks that only
 `finish()` completes: a W&B run left by os._exit after two records kept none of them. When rank 0
 leaves by any path the pipe ends, and the relay finishes every tracker run (finished, stopped or
@@ -33,13 +33,13 @@ import importlib.util
 
 from launch.errors import UserError
 
-TRACKERS = {"wandb": "launch.trackers.wandb_tracker:WandbTracker", "mlflow": "launch.trackers.mlflow_tracker:MlflowTracker"}
+TRACKERS = {"wandb": "launch.observe.trackers.wandb_tracker:WandbTracker", "mlflow": "launch.observe.trackers.mlflow_tracker:MlflowTracker"}
 HINTS = {
     "wandb": "pip install wandb (or the [wandb] extra)",
     "mlflow": "pip install mlflow-skinny sqlalchemy alembic (or the [mlflow] extra; sqlalchemy and alembic carry MLflow's sqlite store)",
 }
 STATE = "trackers.json"  # in the run directory: per tracker, what names its run and the last step logged to it
-STOPPED = "STOPPED"  # launch.stopping.STOPPED, the mark of a stop on purpose (not imported: that would load torch into the relay)
+STOPPED = "STOPPED"  # launch.processes.stopping.STOPPED, the mark of a stop on purpose (not imported: that would load torch into the relay)
 
 
 def load(name: str):

@@ -14,23 +14,25 @@ import torch
 import yaml
 from torch import nn
 
-from launch import changes, checkpoint, config as config_mod, graph_step, integrity, parallel, randomness, rundir, state as state_mod
+from launch import config as config_mod, parallel
+from launch.checkpoint import changes, integrity, rundir, state as state_mod, store
+from launch.checkpoint.state import Trainables, TrainState
 from launch.data.build import build_data
 from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
-from launch.dist import Runtime, print0, rank_table, save_barrier
-from launch.ema import EMA
 from launch.errors import UserError
-from launch.faults import Faults
-from launch.logger import MetricsLog, check_trackers, read_metrics
-from launch.model import build_model
-from launch.optim import make_optimizer, make_scaler, make_scheduler
-from launch.profiling import make_profiler
-from launch.resources import GradNormProbe, ResourceMeter
-from launch.state import TrainState, Trainables
-from launch.step import TrainingModule, TrainStep
-from launch.stopping import STOPPED, StopRequest, lost_run_dir
-from launch.task import Task
+from launch.models.build import build_model
+from launch.observe.logger import MetricsLog, check_trackers, read_metrics
+from launch.observe.profiling import make_profiler
+from launch.observe.resources import GradNormProbe, ResourceMeter
+from launch.processes.dist import Runtime, print0, rank_table, save_barrier
+from launch.processes.faults import Faults
+from launch.processes.stopping import STOPPED, StopRequest, lost_run_dir
+from launch.train import graph_step, randomness
+from launch.train.ema import EMA
+from launch.train.optim import make_optimizer, make_scaler, make_scheduler
+from launch.train.step import TrainingModule, TrainStep
+from launch.train.task import Task
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Run:
             raise lost_run_dir(self.cfg.run_dir)
 
     def dir_lost(self) -> bool:
-        """Rank 0: the run directory was removed or replaced under this job (launch.rundir.RunLock)."""
+        """Rank 0: the run directory was removed or replaced under this job (launch.checkpoint.rundir.RunLock)."""
         return self.lock is not None and not self.lock.still_ours()
 
     def finish(self, record: dict) -> dict:
@@ -97,9 +99,9 @@ class Run:
         if self.rt.env.is_main:
             if self.dir_lost():
                 raise lost_run_dir(self.cfg.run_dir)
-            checkpoint.save_weights(self.cfg.run_dir / "model.pt", weights)
+            store.save_weights(self.cfg.run_dir / "model.pt", weights)
             if averaged is not None:
-                checkpoint.save_weights(self.cfg.run_dir / "model_ema.pt", averaged)
+                store.save_weights(self.cfg.run_dir / "model_ema.pt", averaged)
         self.metrics.close(self.cfg.run_dir / "model.pt")
         return record
 
@@ -204,7 +206,7 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
         same_global = ckpt.get("batch_size", 0) * ckpt.get("world_size", 0) == cfg.data.batch_size * rt.env.world_size
         changed, refused = changes.review(changes.saved_config(ckpt, before), cfg.to_dict(), same_global)
         if refused:
-            where = f"run directory {run_dir} holds" if resumed_from.parent == checkpoint.checkpoint_dir(run_dir) else f"checkpoint {resumed_from} holds"
+            where = f"run directory {run_dir} holds" if resumed_from.parent == store.checkpoint_dir(run_dir) else f"checkpoint {resumed_from} holds"
             raise UserError(
                 f"{where} a run with a different config ({'; '.join(refused[:3])}): these settings define the run; "
                 "use another run.dir, or ckpt.resume=never to start fresh there"
@@ -252,7 +254,7 @@ def _saved_config(saved, resumed_from, ckpt) -> tuple[dict, Optional[str]]:
         problem = " ".join(str(e).split())[:80] or type(e).__name__
     if problem is None:
         return body, None
-    own = resumed_from.parent == checkpoint.checkpoint_dir(saved.parent) and isinstance(ckpt.get("config"), dict)
+    own = resumed_from.parent == store.checkpoint_dir(saved.parent) and isinstance(ckpt.get("config"), dict)
     return (ckpt["config"] if own else {}), problem
 
 
@@ -267,12 +269,12 @@ def _prepare_run_dir(run: Run, resumed_from, torn: Optional[str]) -> None:
     else:
         if torn:
             kept = integrity.set_aside(run_dir / "config.yaml", "torn")
-            own = resumed_from.parent == checkpoint.checkpoint_dir(run_dir)
+            own = resumed_from.parent == store.checkpoint_dir(run_dir)
             compared = f"compared this run with the config inside {resumed_from.name}" if own else "nothing to compare this run with"
             say(f"{run_dir / 'config.yaml'} was torn ({torn}); kept it as {kept.name}; {compared}")
-        checkpoint.set_aside_unusable(run_dir, resumed_from, say)
-    checkpoint.clean_temporaries(run_dir)
-    rundir.check_checkpoint_room(checkpoint.checkpoint_dir(run_dir), checkpoint.estimate_bytes(run.bare, run.parts.optimizer))
+        store.set_aside_unusable(run_dir, resumed_from, say)
+    store.clean_temporaries(run_dir)
+    rundir.check_checkpoint_room(store.checkpoint_dir(run_dir), store.estimate_bytes(run.bare, run.parts.optimizer))
     config_mod.save(cfg, run_dir / "config.yaml")
 
 

@@ -7,7 +7,7 @@ The loss comes from one of four places (`Task.kind`):
   model's output as it returns it;
 - the model's own loss method, `loss(self, batch) -> (loss_sum, count)` (batch = (inputs, target));
 - the loss a model computes in its forward (`model.loss_arg`: Hugging Face `labels=`, nanoGPT
-  `targets`), declared a mean or a sum by `model.loss_reduction` (launch.losses).
+  `targets`), declared a mean or a sum by `model.loss_reduction` (launch.train.losses).
 
 Every loss is a sum over elements divided by an element count: samples for a classifier or a
 regression, tokens for a sequence model (targets equal to train.ignore_index do not count). The step
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch import losses
 from launch.data.types import Split, call_model, model_output
 from launch.errors import UserError
-from launch.metrics import Metrics, View
+from launch.observe.metrics import Metrics, View
+from launch.train import losses
 from launch.user_code import call, import_object
 
 BUILTIN = ("cross_entropy", "mse", "l1", "bce_with_logits")
@@ -100,7 +100,7 @@ class Task:
 
     def eval_sums(self, model: nn.Module, inputs, target, view: bool = False):
         """([loss sum, element count] in float64 for one batch, and the batch's predictions as the
-        metrics read them: a launch.metrics.View when `view`, else None)."""
+        metrics read them: a launch.observe.metrics.View when `view`, else None)."""
         if self.kind == "model":
             s, c = model.loss((inputs, target))
             return _pair(s, c, target.device), None

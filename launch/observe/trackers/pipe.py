@@ -1,4 +1,4 @@
-"""Rank 0's end of the tracker relay (launch.trackers.relay): start it, hand it records without ever
+"""Rank 0's end of the tracker relay (launch.observe.trackers.relay): start it, hand it records without ever
 blocking a training step, end it and wait for its finish."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 import launch
-from launch import lifeline
-from launch.trackers import STATE, _short
-from launch.trackers.relay import FINISH_S
+from launch.observe.trackers import STATE, _short
+from launch.observe.trackers.relay import FINISH_S
+from launch.processes import lifeline
 
 PIPE_BYTES = 1 << 20  # the pipe's buffer (Linux grows it on request): thousands of records
 MAX_BACKLOG = 64 << 20  # records held here while the relay is behind, before giving it up
@@ -30,7 +30,7 @@ class Relay:
         path = [str(Path(launch.__file__).resolve().parent.parent), sys.path[0], os.environ.get("PYTHONPATH", "")]
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launch.trackers.relay", str(self.run_dir)], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "launch.observe.trackers.relay", str(self.run_dir)], stdin=subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)},
                 start_new_session=True,  # a Ctrl-C at the terminal is for the job; the relay finishes after it
             )

@@ -14,7 +14,7 @@ forkserver with TORCH_MP_PARALLEL_START=1); our `spawn` calls it from the main t
 
 The race where the parent died before the prctl call: the parent pid is taken as early as
 possible, from LAUNCH_PARENT_PID (set by our `--nproc` parent) or else when this module is
-imported (launch.entry imports it first, before torch), and compared after the prctl. A worker
+imported (launch.processes.entry imports it first, before torch), and compared after the prctl. A worker
 orphaned even earlier (during interpreter start-up) cannot join the job either: torchrun's agent
 and the `--nproc` parent host the rendezvous store, so it fails to connect and exits.
 """

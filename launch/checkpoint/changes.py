@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch import integrity
+from launch.checkpoint import integrity
 
 AS_GIVEN = (
     "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.max_steps", "train.device", "train.check_every_steps",

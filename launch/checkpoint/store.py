@@ -1,7 +1,7 @@
 """Atomic, checksummed full-state checkpoints, written by rank 0 only, and finding the one to resume from.
 
 Layout: <run dir>/checkpoints/step_00000120.pt, its manifest step_00000120.manifest.json
-({file: {bytes, sha256}}, launch.integrity) and `latest`, a one-line text file naming the newest
+({file: {bytes, sha256}}, launch.checkpoint.integrity) and `latest`, a one-line text file naming the newest
 complete checkpoint. A checkpoint counts only once `latest` names it (the commit marker): the file
 is written under a temporary name while its bytes are hashed, fsynced, its manifest is written,
 the file is renamed with os.replace, the directory fsynced, and only then is `latest` replaced the
@@ -25,9 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from launch import integrity
+from launch.checkpoint import integrity
+from launch.checkpoint.integrity import WriteError, atomic_write, atomic_write_text, manifest_path
 from launch.errors import UserError
-from launch.integrity import WriteError, atomic_write, atomic_write_text, manifest_path
 
 FORMAT = "launch-checkpoint/1"
 SHARDED_STATE = "state.pt"  # inside a sharded checkpoint's directory: everything but the shards

@@ -2,7 +2,7 @@
 weighted by global element counts, clipping, the optimizer and LR-schedule step.
 
 The weighting is what makes every launcher compute the same update. With static counts (see
-launch.task) micro-batch j of rank r weighs its local mean by k * n_rj / N, N the global element
+launch.train.task) micro-batch j of rank r weighs its local mean by k * n_rj / N, N the global element
 count of the optimizer step (known from the data order, no communication): full steps weigh
 1/accum_steps, exactly a hand-written loop's update. With counted elements (ignored targets,
 custom losses) each rank backpropagates its sum times k / N_nominal, and once the global count
@@ -17,10 +17,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from launch.dist import Runtime, all_reduce_sum
 from launch.errors import UserError
-from launch.optim import autocast_context
-from launch.task import Task
+from launch.processes.dist import Runtime, all_reduce_sum
+from launch.train.optim import autocast_context
+from launch.train.task import Task
 
 
 class TrainingModule(nn.Module):
@@ -92,7 +92,7 @@ class TrainStep:
         self.counted_weight = self.k / self.nominal  # counted elements: backprop sum x this, rescale once N is known
         self.last = (0.0, 1)
         self.eager_step = self  # GraphedStep has its eager TrainStep here too
-        self.ema = None  # launch.ema.EMA, updated after each optimizer step (GraphedStep does it after a replay)
+        self.ema = None  # launch.train.ema.EMA, updated after each optimizer step (GraphedStep does it after a replay)
 
     def __call__(self, batches: Iterator, n_micro: int, global_samples: int, tally: LossTally, poison: bool = False) -> None:
         """One optimizer step over the next `n_micro` micro-batches, which hold `global_samples` samples on all ranks together."""

@@ -1,0 +1,1 @@
+"""Building the model a run trains."""
