@@ -4,10 +4,10 @@ type while they are read: launch.config.parse.)"""
 
 from __future__ import annotations
 
+from launch.data import NEEDS_PATH, SOURCES as BUILTIN_DATA
 from launch.errors import UserError
 from launch.observe.trackers import TRACKERS
 
-BUILTIN_DATA = ("toy", "synthetic", "csv", "npz", "mnist", "tokens")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 BUILTIN_METRICS = ("accuracy", "top5", "f1_macro", "auroc", "mse", "mae")
 
@@ -50,7 +50,7 @@ def _data(d) -> None:
     _positive("data.stride", d.stride, allow_zero=True)
     if d.name == "tokens" and not d.seq_len:
         raise UserError("data.seq_len: required for data.name=tokens (tokens per window, the model's context length)")
-    if d.name in ("csv", "npz", "mnist", "tokens") and not d.path:
+    if d.name in NEEDS_PATH and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")

@@ -1,3 +1,16 @@
 """Data: what a dataset hands the loop (`types`), the order every rank sees it in (`order`),
 feeding batches to the device (`feeder`), and the datasets (`synthetic`, `tabular`, `mnist`,
 `custom`), chosen by `build`."""
+
+# data.name -> 'module:function(cfg) -> DataBundle' (launch.data.build). Plain strings: the settings
+# check the names without importing torch.
+SOURCES = {
+    "toy": "launch.data.synthetic:build_toy",  # the seeds' 5+2 points
+    "synthetic": "launch.data.synthetic:build",  # a learnable task generated in memory
+    "csv": "launch.data.tabular:build_csv",
+    "npz": "launch.data.tabular:build_npz",
+    "mnist": "launch.data.mnist:build",  # the IDX files
+    "tokens": "launch.data.tokens:build",  # a token file as nanoGPT writes it (memory-mapped)
+}
+
+NEEDS_PATH = {"csv", "npz", "mnist", "tokens"}  # sources that read data.path

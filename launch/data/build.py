@@ -1,32 +1,18 @@
-"""data.name -> a DataBundle. File datasets are imported only when used."""
+"""data.name -> a DataBundle: one registry line per data source, each module imported only when used.
+
+A new source is a module in launch/data/ with a `build(cfg) -> DataBundle` (or any function of cfg)
+and one line in launch.data.SOURCES; an import path 'pkg.module:Class' is a user's Dataset (launch.data.custom).
+"""
 
 from __future__ import annotations
 
+import importlib
+
+from launch.data import SOURCES
 from launch.data.types import DataBundle
 
 
 def build_data(cfg) -> DataBundle:
-    name = cfg.data.name
-    if name == "toy":
-        from launch.data.synthetic import toy
-
-        return toy()
-    if name == "synthetic":
-        from launch.data.synthetic import synthetic
-
-        return synthetic(cfg.data)
-    if name in ("csv", "npz"):
-        from launch.data import tabular
-
-        return tabular.build_csv(cfg) if name == "csv" else tabular.build_npz(cfg)
-    if name == "tokens":
-        from launch.data import tokens
-
-        return tokens.build(cfg)
-    if name == "mnist":
-        from launch.data import mnist
-
-        return mnist.build(cfg)
-    from launch.data.custom import from_import_path  # validate() allows only the names above or 'pkg.module:Class'
-
-    return from_import_path(cfg)
+    target = SOURCES.get(cfg.data.name, "launch.data.custom:from_import_path")  # validate() allows only these names or 'pkg.module:Class'
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)(cfg)

@@ -31,3 +31,11 @@ def synthetic(d) -> DataBundle:
     else:
         y = torch.randint(0, d.classes, (n,), generator=g)
     return DataBundle(Split(x[: d.n_train], y[: d.n_train]), Split(x[d.n_train :], y[d.n_train :]), d.features, d.classes)
+
+
+def build_toy(cfg) -> DataBundle:
+    return toy()
+
+
+def build(cfg) -> DataBundle:
+    return synthetic(cfg.data)
