@@ -19,6 +19,7 @@ from launch.errors import UserError
 from launch.models.build import clean_state_dict
 from launch.parallel import sync_bn
 from launch.parallel.blocks import activation_checkpointing, blocks
+from launch.train import randomness
 
 
 class Replicated:
@@ -37,6 +38,7 @@ class Replicated:
                 activation_checkpointing(b)
         if self.k == 1:
             return
+        self.sample = sample  # for settle_buckets
         self.batch_statistics(bare)
         if not self.cfg.dist.find_unused_parameters:
             unused = unused_parameters(bare, task, *sample)
@@ -63,7 +65,7 @@ class Replicated:
         # Global statistics keep the buffers equal already: no broadcast before every forward.
         # (torch 2.13 renamed the switch; older versions know only broadcast_buffers.)
         sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
-        return nn.parallel.DistributedDataParallel(
+        ddp = nn.parallel.DistributedDataParallel(
             module,
             device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None,
             bucket_cap_mb=d.bucket_cap_mb,
@@ -72,6 +74,9 @@ class Replicated:
             find_unused_parameters=d.find_unused_parameters,
             **{sync: not self.global_bn},
         )
+        if not d.find_unused_parameters:  # with it, DDP keeps its first layout for good
+            settle_buckets(ddp, *self.sample)
+        return ddp
 
     def micro_step(self, module: nn.Module, sync: bool, real: bool):
         """The context of one micro-batch's forward and backward: DDP syncs gradients only when `sync`
@@ -121,6 +126,34 @@ class Replicated:
             return
         for buf in bare.buffers():
             dist.broadcast(buf, src=0)
+
+
+def settle_buckets(ddp: nn.parallel.DistributedDataParallel, inputs, target) -> None:
+    """Give DDP its lasting gradient-bucket layout before the first real step.
+
+    DDP all-reduces its first backward as one bucket in parameter order, then rebuilds the buckets
+    once, in the order a backward produced the gradients (after the first iteration; under
+    dist.static_graph after the second). gloo sums an element in an order that depends on where it
+    lies in the bucket, and from three ranks on (a + b) + c is not a + (b + c): a resumed run, whose
+    first steps ran with the first layout while the uninterrupted run had long switched, was an ulp
+    off after them (6e-8 at 3 ranks; 2 ranks only add two numbers). So every run, fresh or resumed,
+    makes zero-weight synchronised backwards here until a forward has rebuilt the buckets (eval mode:
+    no dropout draw, no statistics update; the random streams are put back in case the model draws
+    anyway), and all its real steps use the one rebuilt layout."""
+    module, saved = ddp.module, randomness.state()
+    was = module.training
+    module.eval()
+    try:
+        for _ in range(3):
+            loss, _ = ddp(inputs, target)  # the forward rebuilds the buckets once a backward has ordered them
+            (loss.float().sum() * 0.0).backward()  # every forward gets its backward: the reducer ends each iteration
+            if getattr(ddp, "_has_rebuilt_buckets", False):
+                break
+    finally:
+        module.train(was)
+        for p in module.parameters():
+            p.grad = None
+        randomness.set_state(saved)
 
 
 def unused_parameters(bare: nn.Module, task, inputs, target) -> list[str]:
