@@ -29,6 +29,7 @@ APPLIED = (
     "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip", "train.ema_decay", "train.ema_warmup_steps",
     "train.schedule", "train.warmup_steps", "train.step_every", "train.gamma", "train.min_lr_ratio",
 )
+SPLIT = ("data.batch_size", "train.accum_steps", "train.global_batch")  # how a global batch is split: free while the global batch stays
 QUIET = ("run.", "ckpt.resume")  # where the run lives and how it started: no news on a rerun
 HISTORY = "config-history"
 
@@ -39,16 +40,17 @@ def _matches(name: str, keys) -> bool:
 
 def review(old: dict, new: dict, same_global_batch: bool = False) -> tuple[list[tuple[str, object, object]], list[str]]:
     """(allowed changes as (name, before, after), refused changes as 'name: a -> b'). A setting the old
-    config does not know (added since) is not a change. `data.batch_size` may change with the world
-    size when the global batch stays the same (3 x 16 after 2 x 24): the same run, resharded."""
+    config does not know (added since) is not a change. `data.batch_size` and `train.accum_steps` may
+    change with the world size when the global batch stays the same (3 x 16 after 2 x 24, or what
+    train.global_batch derives): the same run, resharded."""
     allowed, refused = [], []
     for section, body in new.items():
         for key, value in body.items():
             name = f"{section}.{key}"
             before = (old.get(section) or {}).get(key, value)
-            if before == value:
-                continue
-            if _matches(name, AS_GIVEN) or _matches(name, APPLIED) or (name == "data.batch_size" and same_global_batch):
+            if before == value or (name in SPLIT and same_global_batch and (new.get("train") or {}).get("global_batch")):
+                continue  # train.global_batch derives the split at each world size: no news
+            if _matches(name, AS_GIVEN) or _matches(name, APPLIED) or (name in SPLIT and same_global_batch):
                 allowed.append((name, before, value))
             else:
                 refused.append(f"{name}: {before!r} -> {value!r}")

@@ -127,6 +127,8 @@ class TrainConfig:
     """Weight decay (decoupled for AdamW)."""
     accum_steps: int = 1
     """Gradient accumulation: micro-batches per optimizer step (DDP syncs only on the last)."""
+    global_batch: int = 0
+    """Samples per optimizer step over all processes, kept at any world size: each process then takes global_batch / world_size samples per step, in micro-batches of at most data.batch_size (the fewest train.accum_steps that fit), so a run resumed on fewer or more processes continues with the same steps. 0: the global batch is data.batch_size x world_size x train.accum_steps."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     ema_decay: float = 0.0

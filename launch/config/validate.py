@@ -68,6 +68,7 @@ def _train(t) -> None:
     _positive("train.momentum", t.momentum, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.accum_steps", t.accum_steps)
+    _positive("train.global_batch", t.global_batch, allow_zero=True)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay: must be >= 0 and < 1 (0 turns the EMA off), got {t.ema_decay}")

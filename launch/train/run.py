@@ -6,6 +6,7 @@ the data, the model or the loss surfaces before a file is written or a collectiv
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -15,6 +16,7 @@ import yaml
 from torch import nn
 
 from launch import config as config_mod, parallel
+from launch.config import batch
 from launch.checkpoint import changes, integrity, rundir, state as state_mod, store
 from launch.checkpoint.state import Trainables, TrainState
 from launch.data.build import build_data
@@ -109,6 +111,9 @@ class Run:
 def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     rundir.check_usable(cfg.run_dir)
+    if cfg.train.global_batch:  # this world size's split, in a copy: the caller's config stays as given
+        cfg = copy.deepcopy(cfg)
+        say(batch.resolve(cfg, rt.env.world_size))
     data, bare, task, feeds, sample = _build(cfg, rt)
     strategy = parallel.make(cfg, rt, say)
     strategy.prepare(bare, task, sample)  # before the optimizer: it may swap layers or shard parameters
@@ -203,8 +208,11 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
     torn, changed = None, []
     if resumed_from is not None:
         before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
-        same_global = ckpt.get("batch_size", 0) * ckpt.get("world_size", 0) == cfg.data.batch_size * rt.env.world_size
-        changed, refused = changes.review(changes.saved_config(ckpt, before), cfg.to_dict(), same_global)
+        saved = changes.saved_config(ckpt, before)
+        was = (ckpt.get("batch_size", 0), ckpt.get("world_size", 0), (saved.get("train") or {}).get("accum_steps", 1))
+        now = (cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+        same_global = was[0] * was[1] * was[2] == now[0] * now[1] * now[2]
+        changed, refused = changes.review(saved, cfg.to_dict(), same_global)
         if refused:
             where = f"run directory {run_dir} holds" if resumed_from.parent == store.checkpoint_dir(run_dir) else f"checkpoint {resumed_from} holds"
             raise UserError(
@@ -213,6 +221,11 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
             )
         for line in changes.apply(changed, run.parts.optimizer, run.parts.scheduler, cfg, run.state.step):
             say(line)
+        if not same_global:  # a different world size at the same per-process batch: a change of its own, named
+            say(
+                f"changed on resume at step {run.state.step}: the global batch {batch.describe(*was)} -> {batch.describe(*now)}; "
+                f"train.global_batch={was[0] * was[1] * was[2]} keeps it at any world size"
+            )
     if rt.env.is_main:
         run.lock = rundir.lock(run_dir)
         if changed:
