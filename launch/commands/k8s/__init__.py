@@ -54,6 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint-gb", type=float, default=0.0, help="checkpoint size for the estimate (default: measured from the run directory, else 1)")
     p.add_argument("--step-seconds", type=float, default=0.0, help="seconds per optimizer step for the estimate (default: measured, else 2)")
     p.add_argument("--write-mb-s", type=float, default=100.0, help="the volume's write bandwidth for the estimate (default 100 MB/s)")
+    p.add_argument("--config", default="", help="YAML config the job trains with (the same as --config after --)")
     p.add_argument("--output", "-o", help="write the YAML here (default: print it)")
     p.add_argument("settings", nargs="*", metavar="-- [--config FILE] section.key=value")
 
@@ -63,7 +64,8 @@ def run(args) -> int:
         name=args.name, image=args.image, nodes=args.nodes, gpus=args.gpus, nproc_per_node=args.nproc_per_node,
         cpus=args.cpus, memory=args.memory, namespace=args.namespace, runtime=args.runtime, pvc=args.pvc,
         mount=args.mount, grace_seconds=args.grace_seconds, checkpoint_gb=args.checkpoint_gb,
-        step_seconds=args.step_seconds, write_mb_s=args.write_mb_s, settings=list(args.settings),
+        step_seconds=args.step_seconds, write_mb_s=args.write_mb_s,
+        settings=(["--config", args.config] if args.config else []) + list(args.settings),
     )
     text = render(spec)
     if args.output:

@@ -38,15 +38,14 @@ def render(spec: Spec) -> str:
 
 
 def _header(s: Spec) -> list[str]:
-    unit = "GPU" if s.gpus else "process"
     units = "GPU(s)" if s.gpus else "process(es)"
     return [
-        f"# A Kubeflow Trainer v2 TrainJob written by `launch k8s`: {s.nodes} node(s) x {s.nproc_per_node} {units}, one pod per node,",
-        "# torchrun in each pod (PID 1) starting one train_ddp.py worker per " + unit + ". docs/kubernetes.md has the whole story.",
-        f"# Needs: Kubeflow Trainer v2 with the ClusterTrainingRuntime {s.runtime}, and the PersistentVolumeClaim {s.pvc}",
-        "# (ReadWriteMany: every node's pod mounts it) in the job's namespace.",
+        f"# A Kubeflow Trainer v2 TrainJob written by `launch k8s`: {s.nodes} node(s) x {s.nproc_per_node} {units}, one pod per node;",
+        f"# torchrun in each pod (PID 1) starts {s.nproc_per_node} train_ddp.py worker(s). docs/kubernetes.md has the whole story.",
+        f"# Needs: Kubeflow Trainer v2.3 or later with the ClusterTrainingRuntime {s.runtime}, and the PersistentVolumeClaim",
+        f"# {s.pvc} (ReadWriteMany: every node's pod mounts it) in the job's namespace.",
         f"#   kubectl apply -f THIS_FILE                   start, or resume from {s.mount}/.../checkpoints/latest",
-        f"#   kubectl get trainjob {s.name}; kubectl logs -f -l jobset.sigs.k8s.io/jobset-name={s.name}",
+        f"#   kubectl get trainjob {s.name}; kubectl logs -f -l jobset.sigs.k8s.io/jobset-name={s.name} --prefix",
         f"#   kubectl patch trainjob {s.name} --type merge -p '{{\"spec\":{{\"suspend\":true}}}}'   pause: SIGTERM, checkpoint, pods gone (false resumes)",
         f"#   kubectl delete trainjob {s.name}                 stop: SIGTERM, checkpoint; apply again to resume",
         f"apiVersion: {API_VERSION}",
