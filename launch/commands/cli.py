@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "plot": ("launch.commands.plot", "plot loss and accuracy curves of one or more run directories"),
     "bench": ("launch.commands.bench", "benchmark the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate) and DDP overhead"),
     "slurm": ("launch.commands.slurm", "write or validate SLURM batch scripts"),
+    "k8s": ("launch.commands.k8s", "write a Kubeflow Trainer TrainJob (Kubernetes) for torchrun pods"),
 }
 
 

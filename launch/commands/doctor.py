@@ -1,6 +1,8 @@
 """`launch doctor`: a pasteable report of what a launch would see, and the problems that would make it fail.
 
-Run it plainly, under torchrun (every rank's view is gathered on rank 0) or under srun.
+Run it plainly, under torchrun (every rank's view is gathered on rank 0), under srun, or in a
+Kubernetes pod (`kubectl exec POD -- python -m launch doctor --run-dir /runs/NAME`: it shows the PET_*
+variables the Trainer's runtime set, which torchrun reads as its options).
 Exit 0: nothing found that would break a launch (warnings may still be printed); exit 1: problems.
 """
 
@@ -21,6 +23,78 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", default="runs", help="directory whose free disk space to report (default: runs)")
     p.add_argument("--port", type=int, default=29500, help="port to check for availability (default: 29500, torchrun's default)")
     p.add_argument("--nproc", type=int, default=None, help="processes per node you plan to start (default: what the launcher says, else 1)")
+
+
+# Filesystems by what the other nodes see of a run directory on them (the fstype of its mount).
+SHARED_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "gpfs", "beegfs", "glusterfs", "wekafs",
+             "orangefs", "pvfs2", "ocfs2", "gfs2", "virtiofs"}
+CONTAINER_FS = {"overlay", "aufs", "tmpfs", "ramfs"}  # the container's own, or memory: gone with the pod
+NODE_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "vfat", "exfat", "ntfs", "ntfs3", "apfs", "hfs"}
+
+
+def filesystem_of(path: str, partitions=None) -> tuple[str, str, str]:
+    """(fstype, mount point, device) of the mount that holds `path` (or its nearest existing parent):
+    the longest mount point above it, the last one mounted there when several are."""
+    head, tail = os.path.abspath(path), ""
+    while not os.path.exists(head):  # a run directory not made yet: where it would be made
+        head, tail = os.path.dirname(head), os.path.join(os.path.basename(head), tail)
+    real = os.path.join(os.path.realpath(head), tail).rstrip("/") or "/"
+    best = ("unknown", "/", "?")
+    for part in psutil.disk_partitions(all=True) if partitions is None else partitions:
+        mp = part.mountpoint.rstrip("/") or "/"
+        if (real == mp or real.startswith(mp + "/") or mp == "/") and len(mp) >= len(best[1].rstrip("/") or "/"):
+            best = (part.fstype, part.mountpoint, part.device)
+    return best
+
+
+def sharing(fstype: str) -> str:
+    if fstype in SHARED_FS:
+        return "shared between nodes"
+    if fstype in CONTAINER_FS:
+        return "the container's own or memory: gone with the pod, seen by no other node"
+    if fstype in NODE_FS:
+        return "a disk of this node (or a ReadWriteOnce volume): seen by no other node"
+    return "unknown whether other nodes see it" + (" (FUSE: shared if its backend is)" if fstype.startswith("fuse") else "")
+
+
+def _nodes(env) -> int:
+    """How many nodes the launch spans, from whatever says so."""
+    counts = [env.world_size // max(env.local_world_size, 1) if env is not None else 1]
+    for var in ("PET_NNODES", "SLURM_NNODES"):
+        value = os.environ.get(var, "").split(":")[-1]
+        counts.append(int(value) if value.isdigit() else 1)
+    return max(counts)
+
+
+def _kubernetes_rows(add, problems, warnings) -> None:
+    """The pod and the PET_* variables (Kubeflow Trainer's torch runtime sets them; torchrun reads PET_<OPTION>)."""
+    host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    add("Kubernetes", f"in a pod (KUBERNETES_SERVICE_HOST={host})" if host else "not in a pod")
+    pet = {k: v for k, v in sorted(os.environ.items()) if k.startswith("PET_")}
+    add("PET_* (torchrun options)", " ".join(f"{k}={v}" for k, v in pet.items()) or "none set")
+    nnodes, rank = pet.get("PET_NNODES", "").split(":")[-1], pet.get("PET_NODE_RANK", "")
+    if nnodes.isdigit() and rank.isdigit() and int(rank) >= int(nnodes):
+        problems.append(f"PET_NODE_RANK={rank} but PET_NNODES={pet['PET_NNODES']}: node ranks run from 0 to {int(nnodes) - 1}")
+    if nnodes.isdigit() and int(nnodes) > 1 and pet.get("PET_MASTER_ADDR", "").lower() in ("localhost", "127.0.0.1", "::1"):
+        warnings.append(f"PET_MASTER_ADDR={pet['PET_MASTER_ADDR']} with PET_NNODES={nnodes}: on separate nodes each would wait for itself")
+
+
+def _run_dir_rows(add, warnings, run_dir: str, nodes: int) -> None:
+    """The run directory's filesystem, and the risk when more than one node, or a pod, writes there."""
+    fstype, mountpoint, device = filesystem_of(run_dir)
+    kind = sharing(fstype)
+    add("run dir filesystem", f"{fstype} at {mountpoint} ({device}): {kind}")
+    in_pod = "KUBERNETES_SERVICE_HOST" in os.environ
+    if fstype in CONTAINER_FS and (in_pod or nodes > 1):
+        warnings.append(
+            f"run directory {run_dir} is on {fstype} ({mountpoint}), {kind}: a preempted or deleted pod's checkpoints go with it "
+            "and no rerun can resume; put run.dir on a ReadWriteMany PersistentVolumeClaim (launch k8s --pvc) or a shared filesystem"
+        )
+    elif fstype in NODE_FS and nodes > 1:
+        warnings.append(
+            f"run directory {run_dir} is on {fstype} ({mountpoint}), {kind}, but this launch spans {nodes} nodes: rank 0's checkpoints, "
+            "the lock and STOP must be in one directory every node sees; use NFS, Lustre, CephFS or a ReadWriteMany PersistentVolumeClaim"
+        )
 
 
 def _port_free(port: int) -> bool:
@@ -88,7 +162,10 @@ def collect(args) -> tuple[list[tuple[str, str]], list[str], list[str], object]:
     mem = psutil.virtual_memory()
     add("CPU cores", f"{cores} logical, {psutil.cpu_count(logical=False) or '?'} physical, {usable} usable by this process")
     add("memory", f"{mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB available")
-    per_node = args.nproc or (env.local_world_size if env is not None else 1)
+    _kubernetes_rows(add, problems, warnings)
+    pet_nproc = os.environ.get("PET_NPROC_PER_NODE", "")
+    launched = env is not None and env.distributed
+    per_node = args.nproc or (env.local_world_size if launched else int(pet_nproc) if pet_nproc.isdigit() else 1)
     omp = os.environ.get("OMP_NUM_THREADS")
     threads = int(omp) if omp and omp.isdigit() else torch.get_num_threads()
     add("OMP_NUM_THREADS", f"{omp or 'unset'} (torch uses {torch.get_num_threads()} threads; {per_node} process(es) per node)")
@@ -104,6 +181,7 @@ def collect(args) -> tuple[list[tuple[str, str]], list[str], list[str], object]:
     add("free disk", f"{free / 2**30:.1f} GiB in {os.path.abspath(disk_dir)}")
     if free < 1 * 2**30:
         warnings.append(f"less than 1 GiB free in {disk_dir}: checkpoints may fail to save")
+    _run_dir_rows(add, warnings, args.run_dir, _nodes(env))
     port_ok = _port_free(args.port)
     add(f"port {args.port}", "free" if port_ok else "IN USE")
     if not port_ok and (env is None or not env.distributed):

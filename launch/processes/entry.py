@@ -74,7 +74,7 @@ def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
     from launch.processes import dist as dist_mod, hangs
     from launch.processes.rendezvous import RendezvousError
-    from launch.processes.stopping import Stopped
+    from launch.processes.stopping import Stopped, restarted_by_kubernetes
     from launch.train.loop import train
 
     try:
@@ -104,7 +104,7 @@ def run_worker(cfg) -> int:
     except Stopped as e:
         # Every rank agreed on this stop and passed the save barrier: a normal teardown is safe.
         code = e.code
-        if code == EXIT_STOPPED and env.launcher == "torchrun":
+        if code == EXIT_STOPPED and env.launcher == "torchrun" and not restarted_by_kubernetes():
             # torchrun counts any non-zero exit as a failure: it would restart the workers
             # (--max-restarts) and resume them, or end in a ChildFailedError wall. Exit 0; the run
             # directory's STOPPED file tells this stop from a finish.

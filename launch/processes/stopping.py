@@ -116,6 +116,14 @@ def nonfinite(cfg, step: int, epoch: int) -> Stopped:
     )
 
 
+def restarted_by_kubernetes() -> bool:
+    """In a Kubeflow TrainJob's pod (its torch runtime sets PET_NNODES; every pod has KUBERNETES_SERVICE_HOST)
+    Kubernetes owns retries, not torchrun (`launch k8s` renders --max-restarts=0). A stop there must leave
+    the container non-zero: exit 0 would count the pod as done (the Job never reruns it), and torchrun's
+    agent would wait out its 300 s exit barrier for a peer pod that is gone."""
+    return "PET_NNODES" in os.environ and "KUBERNETES_SERVICE_HOST" in os.environ
+
+
 STOPPED = "STOPPED"  # in the run directory while the last run there stopped on purpose (removed when a run starts)
 
 
