@@ -6,6 +6,7 @@ processes where the entry point's one line, exit code and time are the point."""
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import time
 
@@ -383,3 +384,36 @@ def test_class_method_import_paths_and_their_one_lines():
     assert config_mod.load(None, ["train.metrics=[m:Scores.top3]"]).train.metrics == ["m:Scores.top3"]
     with pytest.raises(UserError, match="would be recorded as eval_top3"):
         config_mod.load(None, ["train.metrics=[m:Scores.top3, n:top3]"])
+
+
+# --------------------------------------------------------------------------- issue 22.12: every documented command has its own run
+
+
+TRAINING = re.compile(r"((?:[A-Z_]+=\S+\s+)*(?:python3?|torchrun|srun)\b[^`#\n]*?\b(train_single|train_ddp)\.py)([^`#\n]*)")
+
+
+def documented_commands():
+    """(where, command, script, args) for each training command in a code block of the README and docs
+    or a comment of a shipped config: the commands a reader copies."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.yaml"))]
+    for path in sources:
+        fenced = False
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            fenced ^= line.startswith("```")
+            if (path.suffix == ".md" and fenced) or (path.suffix == ".yaml" and line.startswith("#")):
+                for m in TRAINING.finditer(line.split("&&")[-1]):
+                    yield f"{path.name}:{n}", " ".join((m.group(1) + m.group(3)).split()), m.group(2), shlex.split(m.group(3))
+
+
+def test_no_two_documented_commands_share_a_run_directory():
+    import contextlib
+    import io
+
+    runs: dict[str, dict[str, str]] = {}
+    for where, command, script, args in documented_commands():
+        with contextlib.redirect_stderr(io.StringIO()):
+            cfg, _ = parse(args, script, ddp=script == "train_ddp")
+        runs.setdefault(cfg.run.dir, {}).setdefault(command, where)
+    shared = {d: c for d, c in runs.items() if len(c) > 1}
+    assert not shared, f"a second command would find the first one's run finished ('nothing to do'): {shared}"
+    assert len(runs) > 20  # the README's launchers and recipes, the configs' single and DDP commands

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,12 @@ def test_predict_one_logit_several_labels_and_an_own_loss(tmp_path):
     got = read_csv(tmp_path / "bin.csv")
     assert list(got[0]) == ["row", "prediction", "prob_no", "prob_yes", "label"]
     assert all(r["prediction"] == ("yes" if float(r["prob_yes"]) > 0.5 else "no") and r["label"] in ("no", "yes") for r in got)
+    # rows to predict may lack their label (an empty cell, nan): predictions pass it through; --eval refuses it
+    (tmp_path / "new.csv").write_text("answer,b,a\n,1,6\nnan,2,0\nyes,0,5\n")
+    predict_run(tmp_path / "bin", "--input", tmp_path / "new.csv", "-o", tmp_path / "new_p.csv")
+    assert [(r["prediction"], r["label"]) for r in read_csv(tmp_path / "new_p.csv")] == [("yes", ""), ("no", "nan"), ("yes", "yes")]
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'new.csv'} line 2, column 'answer': empty label")):
+        predict_run(tmp_path / "bin", "--input", tmp_path / "new.csv", "--eval")
     # several labels per sample: the labels over 0.5, joined by '|'
     train_run(tmp_path / "ml", f"model.name={M}:Net", "model.kwargs={outputs: 2}", f"data.name={M}:MultiLabel", "train.loss=bce_with_logits")
     predict_run(tmp_path / "ml", "-o", tmp_path / "ml.csv")

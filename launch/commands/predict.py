@@ -79,16 +79,17 @@ def load_source(source: str, config_path=None):
     return weights, config_mod.from_dict(config_mod.read_yaml(str(cfg_file))), (ckpt or {}).get("data_state"), p
 
 
-def read_input(path: str, state: dict, in_features: int, regression: bool = False):
-    """Raw features (and labels, if the file has them) -> (model inputs, labels or None)."""
+def read_input(path: str, state: dict, in_features: int, regression: bool = False, strict: bool = True):
+    """Raw features (and labels, if the file has them) -> (model inputs, labels or None). strict=False:
+    labels that are missing (an empty cell, nan) are kept as they are, for rows that are to be predicted."""
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":
-        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False, regression=regression)
+        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False, regression=regression, strict=strict)
     elif suffix == ".csv":
         if state.get("kind") == "csv":
-            x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"], regression)
+            x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"], regression, strict)
         else:  # other datasets have no column names: a header-less file of the features, optionally + a last label column
-            x, labels, _, _ = csv_features(path, False, "", (), [str(i) for i in range(in_features)], regression)
+            x, labels, _, _ = csv_features(path, False, "", (), [str(i) for i in range(in_features)], regression, strict)
     else:
         raise UserError(f"--input {path}: expected a .csv or .npz file")
     x = apply_transform(x, state)
@@ -191,7 +192,10 @@ def run(args) -> int:
         state = state if state is not None else bundle.state
     mats = [v for v in weights.values() if v.ndim == 2]
     in_features = bundle.in_features if bundle else (cfg.model.in_features or (mats[0].shape[1] if mats else 0))
-    num_classes = bundle.num_classes if bundle else len(state.get("class_names") or []) or cfg.model.out_features or mats[-1].shape[0]
+    outputs_for_names = len(state.get("class_names") or [])
+    if cfg.train.loss == "bce_with_logits" and outputs_for_names == 2:
+        outputs_for_names = 1  # two classes, one logit
+    num_classes = bundle.num_classes if bundle else outputs_for_names or cfg.model.out_features or mats[-1].shape[0]
     names = list(state.get("class_names") or [str(i) for i in range(num_classes or 0)])
     model = build_model(cfg, in_features, num_classes).to(device)
     try:
@@ -226,8 +230,8 @@ def _split(args, cfg, bundle, state, in_features, names, regression):
     """(the Split to run, a description, the raw labels of an --input file or None)."""
     if not args.input:
         return (bundle.eval if args.split == "eval" else bundle.train), f"{args.split} split of data.name={cfg.data.name}", None
-    x, raw_labels = read_input(args.input, state, in_features, regression)
-    if raw_labels is None:
+    x, raw_labels = read_input(args.input, state, in_features, regression, strict=args.eval)
+    if raw_labels is None or not args.eval:  # only --eval compares: predictions pass the labels through as they are
         y = torch.zeros(len(x), 1) if regression else torch.zeros(len(x), dtype=torch.long)
     else:
         y = regression_targets(raw_labels, args.input) if regression else encode(raw_labels, names, args.input)

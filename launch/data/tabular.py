@@ -143,11 +143,12 @@ def to_floats(rows, cols: list[int], names: list[str], path: str) -> torch.Tenso
     return x  # float64: standardisation statistics come from the exact values; apply_transform casts
 
 
-def csv_features(path: str, header: bool, target: str, ignore=(), feature_columns: Optional[list[str]] = None, regression: bool = False):
+def csv_features(path: str, header: bool, target: str, ignore=(), feature_columns: Optional[list[str]] = None, regression: bool = False,
+                 strict: bool = True):
     """Read features and labels from a csv file. target '' is the last column. feature_columns=None
     (training): every column but the target and ignored ones. Given (predict/eval files): those
     columns, and the target only if the file has it. A missing label (regression: a value that is
-    not a finite number) is refused. Returns (x, labels or None, features, target name or None)."""
+    not a finite number) is refused unless strict=False (predictions). Returns (x, labels or None, features, target name or None)."""
     names, rows = read_csv(path, header)
     if feature_columns is not None and not header and len(names) == len(feature_columns):
         t, skip = None, set()  # a header-less file of just the features
@@ -168,7 +169,8 @@ def csv_features(path: str, header: bool, target: str, ignore=(), feature_column
     labels = None
     if t is not None:
         labels = [r[t] for _, r in rows]
-        check_labels(labels, (f"line {line}, column '{names[t]}'" for line, _ in rows), regression, path)
+        if strict:
+            check_labels(labels, (f"line {line}, column '{names[t]}'" for line, _ in rows), regression, path)
     return x, labels, [names[c] for c in cols], (names[t] if t is not None else None)
 
 
@@ -196,8 +198,9 @@ def build_csv(cfg) -> DataBundle:
 # --------------------------------------------------------------------------- npz
 
 
-def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regression: bool = False):
-    """(x tensor, labels as strings or None) from an .npz file; pickled object arrays are refused."""
+def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regression: bool = False, strict: bool = True):
+    """(x tensor, labels as strings or None) from an .npz file; pickled object arrays are refused.
+    strict=False (predictions): missing labels are kept as they are, not refused."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz file not found: {path}")
@@ -218,19 +221,21 @@ def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regressio
         first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
         raise UserError(f"{path}: '{x_key}' holds non-finite values (the first: {x[first]} at sample {first[0]}, "
                         f"feature {first[1:] if len(first) > 2 else first[1]}); fill them in or drop those samples")
-    return torch.from_numpy(np.ascontiguousarray(x)).float(), None if y is None else npz_labels(y, len(x), path, x_key, y_key, regression)
+    return torch.from_numpy(np.ascontiguousarray(x)).float(), None if y is None else npz_labels(y, len(x), path, x_key, y_key, regression, strict)
 
 
-def npz_labels(y: np.ndarray, n: int, path: str, x_key: str, y_key: str, regression: bool) -> list[str]:
-    """One label per sample as strings; NaN or a missing-value string refused with its index."""
+def npz_labels(y: np.ndarray, n: int, path: str, x_key: str, y_key: str, regression: bool, strict: bool = True) -> list[str]:
+    """One label per sample as strings; NaN or a missing-value string refused with its index (strict)."""
     if y.ndim != 1 or len(y) != n:
         raise UserError(f"{path}: '{y_key}' has shape {y.shape} but '{x_key}' has {n} samples (need one label per sample)")
     labels = [str(v) for v in y.tolist()]
-    check_labels(labels, (f"'{y_key}'[{i}]" for i in range(n)), regression, path + ":")
+    if strict:
+        check_labels(labels, (f"'{y_key}'[{i}]" for i in range(n)), regression, path + ":")
     if np.issubdtype(y.dtype, np.floating) and not regression:
-        if not np.all(np.mod(y, 1) == 0):
+        finite = np.isfinite(y)
+        if not np.all(np.mod(y[finite], 1) == 0):
             raise UserError(f"{path}: '{y_key}' holds non-integer numbers; class labels must be integers or strings (for regression set train.loss=mse or l1)")
-        labels = [str(v) for v in y.astype(np.int64).tolist()]
+        labels = [str(int(v)) if ok else s for v, ok, s in zip(y.tolist(), finite.tolist(), labels)]
     return labels
 
 
