@@ -110,7 +110,7 @@ def outputs(model, feeder: Feeder, cfg, device) -> tuple[torch.Tensor, Optional[
         targets.append(torch.as_tensor(target).cpu())
     shapes = sorted({tuple(o.shape[1:]) for o in out})
     if len(shapes) > 1:  # padded batches of different lengths
-        raise UserError(f"predictions CSV: the outputs differ in shape between batches ({shapes[0]} and {shapes[-1]} per sample; a sequence model?): use --eval")
+        raise UserError(f"predictions CSV: the outputs differ in shape between batches ({shapes[0]} and {shapes[-1]} per sample), as a sequence model's do: use --eval")
     same = len({tuple(t.shape[1:]) for t in targets}) == 1
     return torch.cat(out), torch.cat(targets) if same else None
 
@@ -126,7 +126,7 @@ def output_kind(cfg, model, out: torch.Tensor) -> str:
         kind = "binary" if out[0].numel() == 1 else "multilabel"
     if kind == "class" and out.dim() != 2 or kind in ("multilabel", "raw") and out.dim() > 2:
         raise UserError(f"predictions CSV: one row per sample needs outputs [N] or [N, C]; this model outputs "
-                        f"[N, {', '.join(map(str, out.shape[1:]))}] (a sequence model?): use --eval")
+                        f"[N, {', '.join(map(str, out.shape[1:]))}] (a sequence model): use --eval")
     return kind
 
 
