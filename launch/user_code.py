@@ -88,8 +88,34 @@ def _looked_in() -> str:
     return f"looked in {first}, PYTHONPATH {pythonpath if pythonpath else '(empty)'} and the installed packages"
 
 
+# Packages the launcher's optional extras install (pyproject.toml [project.optional-dependencies]; a test
+# holds the two together): import name -> (extra, what pip installs). A missing one names its extra.
+OPTIONAL = {
+    "transformers": ("hf", "transformers"),
+    "matplotlib": ("plot", "matplotlib"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "sqlalchemy": ("mlflow", "sqlalchemy"),
+    "alembic": ("mlflow", "alembic"),
+    "lightning": ("bench", "lightning"),
+    "accelerate": ("bench", "accelerate"),
+}
+
+
+def install_hint(missing: str) -> str:
+    """'; pip install -e ".[hf]" ...' when `missing` (a module name) belongs to one of the extras, else ''."""
+    top = (missing or "").partition(".")[0]
+    if top not in OPTIONAL:
+        return ""
+    extra, package = OPTIONAL[top]
+    return f"; {top} is not installed: pip install -e \".[{extra}]\" (the launcher's {extra} extra) or pip install {package}"
+
+
 def _not_found(e: ModuleNotFoundError, module_name: str) -> str:
     parent, _, leaf = e.name.rpartition(".")
+    if not parent and leaf in OPTIONAL:
+        return f"cannot import module '{module_name}'{install_hint(leaf)}"
     if parent:  # the package exists, its submodule does not
         places = list(getattr(sys.modules.get(parent), "__path__", []))
         return f"cannot import module '{module_name}': package '{parent}'{f' ({places[0]})' if places else ''} has no module '{leaf}'"
@@ -106,11 +132,34 @@ def import_object(path: str, what: str, debug: bool = False):
             raise UserError(f"{what} '{path}': {_not_found(e, module_name)}") from None
         if debug:
             _print_traceback(e)
-        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise UserError(f"{what} '{path}': module '{module_name}' has no '{attr}'") from None
+        hint = install_hint(e.name) if isinstance(e, ModuleNotFoundError) else ""
+        raise UserError(f"{what} '{path}': importing module '{module_name}' raised {_describe(e)}{where(e)}{hint}") from None
+    return _attribute(module, module_name, attr, f"{what} '{path}'")
+
+
+def _attribute(module, module_name: str, attr: str, what: str):
+    """`Name`, or a dotted `Class.method` (a classmethod or staticmethod factory such as
+    transformers:AutoModelForCausalLM.from_config), looked up one part at a time."""
+    parts = attr.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise UserError(f"{what}: expected 'pkg.module:Name' or 'pkg.module:Class.method' after the colon, got '{attr}'")
+    obj, shown = module, f"module '{module_name}'"
+    for i, part in enumerate(parts):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{what}: {shown} has no '{part}'") from None
+        except Exception as e:  # a lazy module (transformers) imports its submodule on attribute access
+            hint = install_hint(e.name) if isinstance(e, ModuleNotFoundError) else ""
+            raise UserError(f"{what}: looking up '{part}' in {shown} raised {_describe(e)}{where(e)}{hint}") from None
+        shown = f"'{module_name}:{'.'.join(parts[:i + 1])}'"
+    return obj
+
+
+def short_name(path: str) -> str:
+    """The last name of an import path: 'pkg.mod:fn' -> 'fn', 'pkg.mod:Class.method' -> 'method'
+    (what a train.metrics import path is recorded as: eval_<name>)."""
+    return path.rpartition(":")[2].rpartition(".")[2]
 
 
 def call(what: str, fn, *args, debug: bool = False, **kwargs):

@@ -26,7 +26,7 @@ def _yaml(tmp_path, name: str, text: str) -> str:
     return str(f)
 
 
-@pytest.mark.parametrize("case", ["run.dir cannot be created", "key twice", "nan", "inf"])
+@pytest.mark.parametrize("case", ["run.dir cannot be created", "key twice", "nan", "inf", "colon without a space", "nan label"])
 def test_bad_input_classes_are_one_line_before_anything_is_written(tmp_path, case):
     run_dir, extra, needle = tmp_path / "run", [], ""
     # run.dir as a file, under a file, or unwritable: tests/test_lifecycle.py
@@ -38,8 +38,13 @@ def test_bad_input_classes_are_one_line_before_anything_is_written(tmp_path, cas
         extra, needle = ["--config", _yaml(tmp_path, "twice.yaml", "train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")], "key 'lr' is given twice in one mapping (lines 2 and 4)"
     elif case == "nan":
         extra, needle = ["--config", _yaml(tmp_path, "nan.yaml", "train:\n  lr: .nan\n")], "train.lr: expected a finite number, got nan"
-    else:
+    elif case == "inf":
         extra, needle = ["--config", _yaml(tmp_path, "inf.yaml", "dist:\n  timeout_s: .inf\n")], "dist.timeout_s: expected a finite number, got inf"
+    elif case == "colon without a space":  # issue 22.6: YAML reads {d_model:32} as the key 'd_model:32' with no value
+        extra, needle = ["model.name=launch.examples.sums_lm:TinyGPT", "model.kwargs={vocab_size: 13,d_model:32}"], "write {d_model: 32}"
+    else:  # issue 22.5: a 0/1 column with a NaN is not three classes
+        data = _yaml(tmp_path, "d.csv", "a,b,y\n" + "".join(f"{i},{i % 3},{i % 2 if i != 5 else 'nan'}\n" for i in range(40)))
+        extra, needle = ["data.name=csv", f"data.path={data}", "data.target=y"], f"{data} line 7, column 'y': missing label 'nan'"
     before = sorted(p.name for p in tmp_path.iterdir())
     p = run([PY, "train_single.py", *extra, *SMALL, f"run.dir={run_dir}"], timeout=60)
     one_line_exit_2(p, needle)

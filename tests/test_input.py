@@ -6,6 +6,7 @@ processes where the entry point's one line, exit code and time are the point."""
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import time
 
@@ -220,3 +221,199 @@ def test_many_classes_confirms_and_the_rule_spares_real_classifications(tmp_path
     assert npz("c.npz", np.arange(300) % 60).num_classes == 60  # 60 classes, 5 rows each: a classification
     assert npz("s.npz", np.array([f"p{i}" for i in range(300)])).num_classes == 300  # names are never measurements
     assert npz("r.npz", rng.integers(100, 400, 300), "train.loss=mse").num_classes == 1  # regression as asked
+
+
+# --------------------------------------------------------------------------- issue 22.5: missing values in csv and npz
+
+
+def csv_cfg(path, *extra):
+    return config_mod.load(None, ["data.name=csv", f"data.path={path}", "data.target=label", *extra])
+
+
+def ones_and_zeros(bad_row: int, value: str, column: str = "label") -> str:
+    rows = [{"f1": f"{i * 0.1:.1f}", "f2": str(i % 3), "label": str(i % 2)} for i in range(30)]
+    rows[bad_row][column] = value
+    return "f1,f2,label\n" + "".join(f"{r['f1']},{r['f2']},{r['label']}\n" for r in rows)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "None", "NA", "null", "#N/A", "", " "])
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits", "mse"])
+def test_a_missing_label_is_refused_with_file_line_and_column(tmp_path, value, loss):
+    f = write(tmp_path / "d.csv", ones_and_zeros(11, value))  # row 11 is line 13 (the header is line 1)
+    with pytest.raises(UserError) as e:
+        build_csv(csv_cfg(f, f"train.loss={loss}"))
+    msg = str(e.value)
+    assert msg.startswith(f"{f} line 13, column 'label': ") and "\n" not in msg
+    assert ("empty label" if not value.strip() else f"missing label {value!r}") in msg and "not a class" in msg
+    # the same value as a class name in its own right is refused too, never a third class 'nan'
+    assert build_csv(csv_cfg(write(tmp_path / "ok.csv", ones_and_zeros(11, "1")))).state["class_names"] == ["0", "1"]
+
+
+def test_missing_features_validation_file_and_regression_targets_name_their_place(tmp_path):
+    f = write(tmp_path / "d.csv", ones_and_zeros(4, "nan", column="f2"))
+    with pytest.raises(UserError, match=re.escape(f"{f} line 6, column 'f2': feature value 'nan' is not a finite number")):
+        build_csv(csv_cfg(f))
+    good, val = write(tmp_path / "g.csv", ones_and_zeros(0, "0")), write(tmp_path / "v.csv", ones_and_zeros(20, "None"))
+    with pytest.raises(UserError, match=re.escape(f"{val} line 22, column 'label': missing label 'None'")):
+        build_csv(csv_cfg(good, f"data.val_path={val}"))
+    for value in ("inf", "-Infinity", "1e999", "seven"):
+        with pytest.raises(UserError, match=re.escape(f"line 9, column 'label': target value {value!r} is not a finite number")):
+            build_csv(csv_cfg(write(tmp_path / "r.csv", ones_and_zeros(7, value)), "train.loss=mse"))
+    # strings that merely look like numbers stay class names under a classification loss
+    assert build_csv(csv_cfg(write(tmp_path / "s.csv", ones_and_zeros(7, "inf")))).state["class_names"] == ["0", "1", "inf"]
+
+
+def test_npz_missing_values_name_their_index(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3, 2)), (np.arange(40) % 2).astype(np.float64)
+
+    def build(xs, ys, *extra):
+        np.savez(tmp_path / "d.npz", x=xs, y=ys)
+        return build_npz(config_mod.load(None, ["data.name=npz", f"data.path={tmp_path / 'd.npz'}", *extra]))
+
+    bad = x.copy()
+    bad[17, 2, 1] = np.nan
+    with pytest.raises(UserError, match=re.escape("'x' holds non-finite values (the first: nan at sample 17, feature (2, 1))")):
+        build(bad, y)
+    for labels, needle, extra in [
+        (np.where(np.arange(40) == 9, np.nan, y), "'y'[9]: missing label 'nan'", []),  # a 0/1 float column with one NaN
+        (np.array(["a", "b"] * 19 + ["None", "a"]), "'y'[38]: missing label 'None'", []),
+        (np.array(["a", "b"] * 19 + ["", "a"]), "'y'[38]: empty label", []),
+        (np.where(np.arange(40) == 3, np.inf, y), "'y'[3]: target value 'inf' is not a finite number", ["train.loss=mse"]),
+        (np.where(np.arange(40) == 5, np.nan, y), "'y'[5]: missing label 'nan'", ["train.loss=l1"]),
+    ]:
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'd.npz'}: {needle}")):
+            build(x, labels, *extra)
+    assert build(x, y).num_classes == 2
+
+
+# --------------------------------------------------------------------------- issue 22.6: `name:value` without a space
+
+
+@pytest.mark.parametrize("override, meant", [
+    ("model.kwargs={d_model:32}", "{d_model: 32}"),
+    ("model.kwargs={n_heads: 4, d_model:32}", "{d_model: 32}"),
+    ("model.kwargs.config={_target_:transformers:LlamaConfig}", "{_target_: transformers:LlamaConfig}"),
+    ("data.kwargs={sub: {n:7}}", "{n: 7}"),
+])
+def test_a_colon_without_a_space_on_the_command_line_says_what_was_meant(override, meant):
+    with pytest.raises(UserError) as e:
+        config_mod.load(None, [override])
+    msg = str(e.value)
+    assert msg.startswith("the command line: '") and "reads as a key with no value (YAML needs a space after the colon)" in msg
+    assert f"write {meant}" in msg and "\n" not in msg and " at line" not in msg
+
+
+def test_a_colon_without_a_space_in_a_file_names_the_line(tmp_path):
+    f = write(tmp_path / "c.yaml", "model:\n  name: x.y:Net\n  kwargs: {n_heads: 4,\n    d_model:32}\n")
+    with pytest.raises(UserError, match=re.escape(f"{f}: 'd_model:32' at line 4 reads as a key with no value") + ".*write {d_model: 32}"):
+        config_mod.load(f)
+    # block style: YAML reads the lines as one string where a mapping belongs
+    g = write(tmp_path / "b.yaml", "model:\n  kwargs:\n    d_model:32\n    n_heads:4\n")
+    with pytest.raises(UserError, match=re.escape("model.kwargs: expected a mapping, got 'd_model:32 n_heads:4' (YAML needs a space after the colon: "
+                                                  "write {d_model: 32, n_heads: 4}, or 'd_model: 32' on a line of its own)")):
+        config_mod.load(g)
+    with pytest.raises(UserError, match=re.escape("section 'train' must be a mapping, got 'lr:0.1' (YAML needs a space after the colon: write {lr: 0.1}")):
+        config_mod.load(write(tmp_path / "t.yaml", "train:\n  lr:0.1\n"))
+    # what is not that mistake still reads: a quoted key, a value holding colons, an import path, a key with a value
+    h = write(tmp_path / "ok.yaml", "model:\n  name: a.b:C.make\n  kwargs: {\"a:b\": null, url: 'http://x', t: {_target_: m:C}, 'k:v': 1}\n")
+    assert config_mod.load(h).model.kwargs == {"a:b": None, "url": "http://x", "t": {"_target_": "m:C"}, "k:v": 1}
+    assert config_mod.load(None, ["model.kwargs={d_model: 32}", "log.profile_steps=3:5"]).model.kwargs == {"d_model": 32}
+
+
+# --------------------------------------------------------------------------- issue 22.13: the extra to install, Class.method
+
+
+class NotInstalled:
+    """A meta-path finder that makes packages look uninstalled: importing them or their submodules
+    raises ModuleNotFoundError naming the top-level package, as it does when pip never installed it."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in self.names:
+            raise ModuleNotFoundError(f"No module named '{top}'", name=top)
+        return None
+
+
+def not_installed(monkeypatch, *names: str) -> None:
+    for loaded in [m for m in sys.modules if m.partition(".")[0] in names]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled(*names), *sys.meta_path])
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path, monkeypatch):
+    not_installed(monkeypatch, "transformers", "mlflow")
+    with pytest.raises(UserError) as e:
+        import_object("transformers:AutoModelForCausalLM.from_config", "model.name")
+    assert str(e.value) == ("model.name 'transformers:AutoModelForCausalLM.from_config': cannot import module 'transformers'; transformers is not installed: "
+                            "pip install -e \".[hf]\" (the launcher's hf extra) or pip install transformers")
+    # the user's own module importing it: the same hint after the usual file:line
+    (tmp_path / "hfmodel_input.py").write_text("import torch\nimport transformers\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"raised ModuleNotFoundError: No module named 'transformers' \(at .*\); transformers is not installed: pip install -e \"\.\[hf\]\""):
+        import_object("hfmodel_input:Net", "model.name")
+    with pytest.raises(UserError, match=re.escape('pip install -e ".[mlflow]" (the launcher\'s mlflow extra) or pip install mlflow-skinny')):
+        import_object("mlflow.pytorch:log_model", "train.metrics")
+
+
+def test_the_extras_table_matches_pyproject():
+    import tomllib
+
+    from launch.user_code import OPTIONAL
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    listed = {re.split(r"[<>=!~ \[;]", req)[0].lower(): extra for extra, reqs in extras.items() if extra != "test" for req in reqs}
+    assert {package: extra for extra, package in OPTIONAL.values()} == listed
+
+
+def test_class_method_import_paths_and_their_one_lines():
+    from collections import OrderedDict
+
+    assert import_object("collections:OrderedDict.fromkeys", "data.name")("ab") == OrderedDict(a=None, b=None)
+    for path, needle in [
+        ("collections:OrderedDict.nope", "'collections:OrderedDict' has no 'nope'"),
+        ("collections:Nope.fromkeys", "module 'collections' has no 'Nope'"),
+        ("collections:OrderedDict..x", "expected 'pkg.module:Name' or 'pkg.module:Class.method' after the colon, got 'OrderedDict..x'"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(f"train.loss '{path}': {needle}")):
+            import_object(path, "train.loss")
+    # a metric named by a method is recorded under the method's name; two that would collide are refused
+    assert config_mod.load(None, ["train.metrics=[m:Scores.top3]"]).train.metrics == ["m:Scores.top3"]
+    with pytest.raises(UserError, match="would be recorded as eval_top3"):
+        config_mod.load(None, ["train.metrics=[m:Scores.top3, n:top3]"])
+
+
+# --------------------------------------------------------------------------- issue 22.12: every documented command has its own run
+
+
+TRAINING = re.compile(r"((?:[A-Z_]+=\S+\s+)*(?:python3?|torchrun|srun)\b[^`#\n]*?\b(train_single|train_ddp)\.py)([^`#\n]*)")
+
+
+def documented_commands():
+    """(where, command, script, args) for each training command in a code block of the README and docs
+    or a comment of a shipped config: the commands a reader copies."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.yaml"))]
+    for path in sources:
+        fenced = False
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            fenced ^= line.startswith("```")
+            if (path.suffix == ".md" and fenced) or (path.suffix == ".yaml" and line.startswith("#")):
+                for m in TRAINING.finditer(line.split("&&")[-1]):
+                    yield f"{path.name}:{n}", " ".join((m.group(1) + m.group(3)).split()), m.group(2), shlex.split(m.group(3))
+
+
+def test_no_two_documented_commands_share_a_run_directory():
+    import contextlib
+    import io
+
+    runs: dict[str, dict[str, str]] = {}
+    for where, command, script, args in documented_commands():
+        with contextlib.redirect_stderr(io.StringIO()):
+            cfg, _ = parse(args, script, ddp=script == "train_ddp")
+        runs.setdefault(cfg.run.dir, {}).setdefault(command, where)
+    shared = {d: c for d, c in runs.items() if len(c) > 1}
+    assert not shared, f"a second command would find the first one's run finished ('nothing to do'): {shared}"
+    assert len(runs) > 20  # the README's launchers and recipes, the configs' single and DDP commands

@@ -123,7 +123,8 @@ def test_predict_plot_and_eval_follow_the_task(tmp_path):
     got = json.loads(ev.stdout.splitlines()[0])
     assert "accuracy" not in got and got["loss"] == pytest.approx(reg["eval_loss"], rel=1e-9) and got["samples"] == 203
     rows = list(csv.reader(open(tmp_path / "reg.csv")))
-    assert rows[0] == ["row", "prediction"] and len(rows) == 204 and all(float(r[1]) == float(r[1]) for r in rows[1:])
+    assert rows[0] == ["row", "prediction", "label"] and len(rows) == 204 and all(float(r[1]) == float(r[1]) for r in rows[1:])
+    assert all(float(r[2]) == float(r[2]) for r in rows[1:])  # the split's own targets (issue 22.11), values like the predictions
     sev = run([PY, "-m", "launch", "predict", str(tmp_path / "seq"), "--eval"], timeout=60)
     assert sev.returncode == 0 and json.loads(sev.stdout)["accuracy"] == pytest.approx(seq["eval_accuracy"], rel=1e-9), output(sev)
     refused = run([PY, "-m", "launch", "predict", str(tmp_path / "seq")], timeout=60)

@@ -5,8 +5,9 @@ checkpoint file, or a bare model.pt (its run's config.yaml, or --config). Inputs
 own dataset (--split) or a CSV/NPZ file of raw features (--input): the transform and class names
 saved in the checkpoint's data_state turn raw features into model inputs and indices back into
 the original labels. Evaluation reuses launch.train.evaluate on a launch.data.feeder.Feeder, the same
-code that produced the training run's eval metrics. Classifiers write labels and probabilities,
-regressions their predicted values; sequence models support --eval.
+code that produced the training run's eval metrics. Classifiers write labels and probabilities (class
+names from the run's data state or the dataset's own, else class indices), regressions their predicted
+values, models with their own loss their outputs; sequence models support --eval.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,8 +24,9 @@ from launch.checkpoint import store
 from launch.commands import export
 from launch.config.validate import metrics as validate_metrics
 from launch.data.build import build_data
-from launch.data.feeder import Feeder
-from launch.data.tabular import REGRESSION_LOSSES, apply_transform, csv_features, encode, npz_arrays, regression_targets
+from launch.data.feeder import Feeder, make_feeder
+from launch.data.labels import REGRESSION_LOSSES, encode, regression_targets
+from launch.data.tabular import apply_transform, csv_features, npz_arrays
 from launch.data.types import Split, call_model, model_output
 from launch.errors import UserError
 from launch.models.build import build_model, clean_state_dict
@@ -76,16 +79,17 @@ def load_source(source: str, config_path=None):
     return weights, config_mod.from_dict(config_mod.read_yaml(str(cfg_file))), (ckpt or {}).get("data_state"), p
 
 
-def read_input(path: str, state: dict, in_features: int, regression: bool = False):
-    """Raw features (and labels, if the file has them) -> (model inputs, labels or None)."""
+def read_input(path: str, state: dict, in_features: int, regression: bool = False, strict: bool = True):
+    """Raw features (and labels, if the file has them) -> (model inputs, labels or None). strict=False:
+    labels that are missing (an empty cell, nan) are kept as they are, for rows that are to be predicted."""
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":
-        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False, regression=regression)
+        x, labels = npz_arrays(path, state.get("x_key", "x"), state.get("y_key", "y"), need_y=False, regression=regression, strict=strict)
     elif suffix == ".csv":
         if state.get("kind") == "csv":
-            x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"])
+            x, labels, _, _ = csv_features(path, state["header"], state["target"], state.get("ignore", ()), state["feature_columns"], regression, strict)
         else:  # other datasets have no column names: a header-less file of the features, optionally + a last label column
-            x, labels, _, _ = csv_features(path, False, "", (), [str(i) for i in range(in_features)])
+            x, labels, _, _ = csv_features(path, False, "", (), [str(i) for i in range(in_features)], regression, strict)
     else:
         raise UserError(f"--input {path}: expected a .csv or .npz file")
     x = apply_transform(x, state)
@@ -95,32 +99,85 @@ def read_input(path: str, state: dict, in_features: int, regression: bool = Fals
 
 
 @torch.no_grad()
-def outputs(model, feeder: Feeder, cfg, device) -> torch.Tensor:
-    """The model's outputs for every sample, in input order (one rank evaluates 0, 1, 2, ...)."""
+def outputs(model, feeder: Feeder, cfg, device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The model's outputs and the split's targets (None if their shapes vary) for every sample, in input order
+    (one rank evaluates 0, 1, 2, ...)."""
     model.eval()
-    out = []
-    for inputs, _ in feeder.eval_batches():
+    out, targets = [], []
+    for inputs, target in feeder.eval_batches():
         with autocast_context(cfg, device):
             out.append(model_output(call_model(model, inputs))[0].float().cpu())
-    return torch.cat(out)
+        targets.append(torch.as_tensor(target).cpu())
+    shapes = sorted({tuple(o.shape[1:]) for o in out})
+    if len(shapes) > 1:  # padded batches of different lengths
+        raise UserError(f"predictions CSV: the outputs differ in shape between batches ({shapes[0]} and {shapes[-1]} per sample), as a sequence model's do: use --eval")
+    same = len({tuple(t.shape[1:]) for t in targets}) == 1
+    return torch.cat(out), torch.cat(targets) if same else None
 
 
-def write_predictions(path: str, out: torch.Tensor, names, labels, regression: bool) -> None:
-    """Classifiers: the predicted label and one probability per class. Regressions: the values."""
+def output_kind(cfg, model, out: torch.Tensor) -> str:
+    """How the outputs read: 'class' (softmax over C logits), 'binary' (one logit), 'multilabel'
+    (a logit per label), 'values' (a regression), 'raw' (an own loss: the outputs as they are), as
+    launch.train.task.Task decides which loss applies."""
+    own = cfg.model.loss_arg or callable(getattr(model, "loss", None))
+    loss = "own" if own else cfg.train.loss
+    kind = {"cross_entropy": "class", "mse": "values", "l1": "values"}.get(loss, "raw")
+    if loss == "bce_with_logits":
+        kind = "binary" if out[0].numel() == 1 else "multilabel"
+    if kind == "class" and out.dim() != 2 or kind in ("multilabel", "raw") and out.dim() > 2:
+        raise UserError(f"predictions CSV: one row per sample needs outputs [N] or [N, C]; this model outputs "
+                        f"[N, {', '.join(map(str, out.shape[1:]))}] (a sequence model): use --eval")
+    return kind
+
+
+def class_names(state: dict, dataset, width: int) -> list[str]:
+    """Names for `width` classes: the run's saved class names (csv, npz), else the dataset's own
+    (`classes`, as torchvision's ImageFolder has; a Hugging Face ClassLabel feature), else 0..width-1."""
+    features = getattr(dataset, "features", None)
+    label = next((features[k] for k in ("target", "label") if isinstance(features, dict) and k in features), None)
+    for names in (state.get("class_names"), getattr(dataset, "classes", None), getattr(label, "names", None)):
+        if isinstance(names, (list, tuple)) and len(names) == width:
+            return [str(n) for n in names]
+    return [str(i) for i in range(width)]
+
+
+def _row_values(t: torch.Tensor) -> list[list[float]]:
+    return t.reshape(len(t), -1).double().tolist()
+
+
+def write_predictions(path: str, out: torch.Tensor, kind: str, names, labels) -> None:
+    """Classifiers: the predicted label and one probability per class (multi-label: the labels over 0.5,
+    joined by '|'). Regressions: the predicted values; own losses: the outputs. Plus the known label."""
+    if kind in ("values", "raw"):
+        values = _row_values(out)
+        word = "prediction" if kind == "values" else "output"
+        header = [word] if len(values[0]) == 1 else [f"{word}_{j}" for j in range(len(values[0]))]
+        rows = [[f"{v:.6g}" for v in row] for row in values]
+    else:
+        if kind == "class":
+            probs = torch.softmax(out, dim=1)
+        else:
+            p = torch.sigmoid(out.reshape(len(out), -1))
+            probs = torch.cat([1 - p, p], dim=1) if kind == "binary" else p
+        chosen = probs > 0.5 if kind == "multilabel" else torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).bool()
+        header = ["prediction", *[f"prob_{n}" for n in names]]
+        rows = [["|".join(n for n, c in zip(names, pick) if c), *[f"{v:.6g}" for v in row]] for row, pick in zip(probs.tolist(), chosen.tolist())]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        extra = ["label"] if labels is not None else []
-        if regression:
-            values = out.reshape(len(out), -1)
-            w.writerow(["row", *(["prediction"] if values.shape[1] == 1 else [f"prediction_{j}" for j in range(values.shape[1])]), *extra])
-            rows = ([i, *[f"{v:.6g}" for v in row]] for i, row in enumerate(values.tolist()))
-        else:
-            probs = torch.softmax(out, dim=1)
-            w.writerow(["row", "prediction", *[f"prob_{n}" for n in names], *extra])
-            rows = ([i, names[k], *[f"{p:.6g}" for p in row]] for i, (row, k) in enumerate(zip(probs.tolist(), probs.argmax(dim=1).tolist())))
+        w.writerow(["row", *header, *(["label"] if labels is not None else [])])
         for i, row in enumerate(rows):
-            w.writerow([*row, *([labels[i]] if labels is not None else [])])
+            w.writerow([i, *row, *([labels[i]] if labels is not None else [])])
+
+
+def known_labels(targets: torch.Tensor, kind: str, names: list[str]) -> list[str]:
+    """The split's targets written as predictions are: class names, or values."""
+    if kind in ("class", "binary") and targets[0].numel() == 1:
+        index = targets.reshape(-1).long().tolist()
+        return [names[k] if 0 <= k < len(names) else str(k) for k in index]
+    if kind == "multilabel":
+        return ["|".join(n for n, t in zip(names, row) if t > 0.5) for row in _row_values(targets)]
+    return [" ".join(f"{v:.6g}" for v in row) for row in _row_values(targets)]
 
 
 def run(args) -> int:
@@ -135,7 +192,10 @@ def run(args) -> int:
         state = state if state is not None else bundle.state
     mats = [v for v in weights.values() if v.ndim == 2]
     in_features = bundle.in_features if bundle else (cfg.model.in_features or (mats[0].shape[1] if mats else 0))
-    num_classes = bundle.num_classes if bundle else len(state.get("class_names") or []) or cfg.model.out_features or mats[-1].shape[0]
+    outputs_for_names = len(state.get("class_names") or [])
+    if cfg.train.loss == "bce_with_logits" and outputs_for_names == 2:
+        outputs_for_names = 1  # two classes, one logit
+    num_classes = bundle.num_classes if bundle else outputs_for_names or cfg.model.out_features or mats[-1].shape[0]
     names = list(state.get("class_names") or [str(i) for i in range(num_classes or 0)])
     model = build_model(cfg, in_features, num_classes).to(device)
     try:
@@ -143,7 +203,7 @@ def run(args) -> int:
     except RuntimeError as e:
         raise store.CheckpointError(f"checkpoint {origin}: does not fit the model of its config ({' '.join(str(e).split())[:200]})") from None
     split, where, raw_labels = _split(args, cfg, bundle, state, in_features, names, regression)
-    feeder = Feeder(split, cfg, device, 0, 1, args.batch_size or cfg.data.eval_batch_size)
+    feeder = make_feeder(split, cfg, device, 0, 1, args.batch_size or cfg.data.eval_batch_size)
     if args.eval:
         if args.input and raw_labels is None:
             raise UserError(f"--eval: {args.input} has no label column/array to compare with")
@@ -156,18 +216,12 @@ def run(args) -> int:
         print(json.dumps({"loss": result["eval_loss"], **scores, "samples": result["eval_samples"], "data": where, "weights": str(origin)}))
         if not args.output:
             return 0
-    if cfg.train.loss not in ("cross_entropy", *REGRESSION_LOSSES):
-        raise UserError(f"predictions CSV: for classifiers (cross_entropy) and regressions (mse, l1), not train.loss={cfg.train.loss}; use --eval")
-    out = outputs(model, feeder, cfg, device)
-    if not regression and out.dim() != 2:
-        raise UserError(f"predictions CSV: for classifiers with [N, C] outputs; this model outputs [N, {', '.join(map(str, out.shape[1:]))}] (a sequence model): use --eval")
-    known = split.y if (split.y is not None and not args.input) else None  # a Dataset split keeps its targets to itself
-    if regression:
-        labels = raw_labels if raw_labels is not None else (None if known is None else [f"{v:.6g}" for v in known.reshape(-1).tolist()])
-    else:
-        labels = raw_labels if raw_labels is not None else (None if known is None else [names[i] for i in known.tolist()])
+    out, targets = outputs(model, feeder, cfg, device)
+    kind = output_kind(cfg, model, out)
+    names = class_names(state, split.dataset, 2 if kind == "binary" else out.shape[1]) if kind in ("class", "binary", "multilabel") else []
+    labels = raw_labels if args.input or targets is None else known_labels(targets, kind, names)
     path = args.output or "predictions.csv"
-    write_predictions(path, out, names, labels, regression)
+    write_predictions(path, out, kind, names, labels)
     print(f"wrote {len(out)} predictions ({where}) to {path}")
     return 0
 
@@ -176,9 +230,11 @@ def _split(args, cfg, bundle, state, in_features, names, regression):
     """(the Split to run, a description, the raw labels of an --input file or None)."""
     if not args.input:
         return (bundle.eval if args.split == "eval" else bundle.train), f"{args.split} split of data.name={cfg.data.name}", None
-    x, raw_labels = read_input(args.input, state, in_features, regression)
-    if raw_labels is None:
+    x, raw_labels = read_input(args.input, state, in_features, regression, strict=args.eval)
+    if raw_labels is None or not args.eval:  # only --eval compares: predictions pass the labels through as they are
         y = torch.zeros(len(x), 1) if regression else torch.zeros(len(x), dtype=torch.long)
     else:
         y = regression_targets(raw_labels, args.input) if regression else encode(raw_labels, names, args.input)
+    if cfg.train.loss == "bce_with_logits":  # one logit per sample: float 0/1 targets, as the run trained on
+        y = y.float().reshape(len(y), -1)
     return Split(x, y), args.input, raw_labels

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +48,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping, got {value!r}")
+            raise UserError(f"{key}: expected a mapping, got {value!r}{_colon_hint(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -72,6 +73,14 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported annotation {tp} for {key}")
+
+
+def _colon_hint(value: Any) -> str:
+    """'d_model:32' where a mapping belongs: YAML reads `name:value` without a space as one string."""
+    if not isinstance(value, str) or not re.search(r"[^\s:]:[^\s:]", value):
+        return ""
+    pairs = [f"{k}: {v}" for k, _, v in (w.partition(":") for w in value.split())]
+    return f" (YAML needs a space after the colon: write {{{', '.join(pairs)}}}, or '{pairs[0]}' on a line of its own)"
 
 
 def _unknown(key: str, valid: list[str]) -> UserError:
@@ -131,7 +140,7 @@ def _flatten(tree: Any, where: str) -> dict[str, Any]:
     flat = {}
     for section, body in tree.items():
         if not isinstance(body, dict):
-            raise UserError(f"{where}: section '{section}' must be a mapping, got {body!r}")
+            raise UserError(f"{where}: section '{section}' must be a mapping, got {body!r}{_colon_hint(body)}")
         for key, value in body.items():
             flat[f"{section}.{key}"] = value
     return flat

@@ -7,6 +7,7 @@ from __future__ import annotations
 from launch.data import NEEDS_PATH, SOURCES as BUILTIN_DATA
 from launch.errors import UserError
 from launch.observe.trackers import TRACKERS
+from launch.user_code import short_name
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 BUILTIN_METRICS = ("accuracy", "top5", "f1_macro", "auroc", "mse", "mae")
@@ -92,9 +93,9 @@ def metrics(names: list[str]) -> None:
             if name != "auto" and name not in BUILTIN_METRICS:
                 raise UserError(f"train.metrics: unknown metric '{name}'; choose from auto, {', '.join(BUILTIN_METRICS)} or an import path 'pkg.module:fn'")
             continue
-        key = name.rpartition(":")[2]
-        if not key.isidentifier():
-            raise UserError(f"train.metrics: expected an import path 'pkg.module:fn', got '{name}'")
+        key = short_name(name)
+        if not all(part.isidentifier() for part in name.rpartition(":")[2].split(".")):
+            raise UserError(f"train.metrics: expected an import path 'pkg.module:fn' (or 'pkg.module:Class.method'), got '{name}'")
         if key in taken or key in BUILTIN_METRICS or key in ("loss", "samples"):
             raise UserError(f"train.metrics: '{name}' would be recorded as eval_{key}, which another metric writes; give the function another name")
         taken.add(key)

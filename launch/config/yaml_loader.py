@@ -60,9 +60,10 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         seen = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden here
                 continue
+            _refuse_colon_without_space(key_node, value_node, node.flow_style, self.name, self.one_line)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 line = key_node.start_mark.line + 1
@@ -78,6 +79,21 @@ class _StrictLoader(yaml.SafeLoader):
         return node.value if ":" in node.value else super().construct_yaml_float(node)
 
 
+def _refuse_colon_without_space(key_node, value_node, flow: bool, name: str, one_line: bool) -> None:
+    """`{d_model:32}` is the key 'd_model:32' with no value in YAML (a colon separates only when a space
+    follows it), which a mapping setting would pass on as {'d_model:32': None} and the constructor ignore.
+    A plain (unquoted) key holding a colon, with no value at all, is that mistake: refused, saying what was meant."""
+    if not (isinstance(key_node, yaml.ScalarNode) and key_node.style is None and ":" in key_node.value):
+        return
+    if not (isinstance(value_node, yaml.ScalarNode) and value_node.tag == "tag:yaml.org,2002:null" and value_node.value == ""):
+        return
+    k, _, v = key_node.value.partition(":")
+    meant = f"{{{k}: {v}}}" if flow else f"{k}: {v}"
+    at = "" if one_line else f" at line {key_node.start_mark.line + 1}"
+    raise UserError(f"{name}: '{key_node.value}'{at} reads as a key with no value "
+                    f"(YAML needs a space after the colon): write {meant} (or quote the key if it really holds a colon)")
+
+
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
 
@@ -85,7 +101,7 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct
 def yaml_text(text: str, name: str):
     """Parse one YAML document; every problem named above is a UserError naming `name`."""
     loader = _StrictLoader(text)
-    loader.name = name
+    loader.name, loader.one_line = name, "\n" not in text.strip()
     try:
         return loader.get_single_data()
     except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int() limit)

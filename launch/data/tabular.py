@@ -1,8 +1,9 @@
 """CSV and NPZ datasets, and the feature transform that predict replays.
 
-Both build in-memory tensors (the Feeder slices them on the device). Labels may be integers or
-strings: the sorted distinct labels of all files become class indices, and their names go into
-DataBundle.state so predictions come back as the original labels. Standardisation statistics
+Both build in-memory tensors (the Feeder slices them on the device). Labels (launch.data.labels) may
+be integers or strings: the sorted distinct labels of all files become class indices, and their names
+go into DataBundle.state so predictions come back as the original labels. A missing value, in a
+feature or a label, is refused naming its file, line and column (npz: its index). Standardisation statistics
 are computed on the training split only and stored in the state as well. The state holds only
 plain lists, floats and strings (checkpoints load with weights_only=True).
 """
@@ -17,8 +18,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from launch.data.labels import REGRESSION_LOSSES, check_labels, check_many_classes, class_names, encode, regression_targets
 from launch.data.types import DataBundle, Split
 from launch.errors import UserError
+
+__all__ = ["REGRESSION_LOSSES", "apply_transform", "build_csv", "build_npz", "csv_features", "encode", "npz_arrays", "regression_targets"]
 
 # --------------------------------------------------------------------------- the shared transform
 
@@ -44,66 +48,11 @@ def fit_standardizer(x: torch.Tensor) -> dict:
     return {"mean": flat.mean(dim=0).tolist(), "std": std.tolist()}
 
 
-def class_names(labels: list[str]) -> list[str]:
-    """Sorted distinct labels: numerically when they are all integers (so '10' follows '9')."""
-    distinct = set(labels)
-    try:
-        return sorted(distinct, key=int)
-    except ValueError:
-        return sorted(distinct)
-
-
-def encode(labels: list[str], names: list[str], where: str) -> torch.Tensor:
-    index = {n: i for i, n in enumerate(names)}
-    try:
-        return torch.tensor([index[v] for v in labels], dtype=torch.long)
-    except KeyError as e:
-        raise UserError(f"{where}: label {e.args[0]!r} is not one of the model's classes ({', '.join(names[:10])})") from None
-
-
 def split_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded hold-out split (identical on every rank); both parts keep file order."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = min(n - 1, max(1, round(n * fraction)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-REGRESSION_LOSSES = ("mse", "l1")
-
-
-def regression_targets(labels: list[str], where: str) -> torch.Tensor:
-    """Float targets [N, 1] for train.loss=mse/l1."""
-    try:
-        y = torch.tensor([float(v) for v in labels], dtype=torch.float32)[:, None]
-    except ValueError:
-        bad = next(v for v in labels if not _is_number(v))
-        raise UserError(f"{where}: target value {bad!r} is not a number (train.loss is a regression loss)") from None
-    if not torch.isfinite(y).all():
-        raise UserError(f"{where}: the targets hold non-finite values")
-    return y
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-# A numeric target with more distinct values than MANY_CLASSES and fewer than ROWS_PER_CLASS rows per
-# value on average is a measurement read as class labels (data/diabetes.csv without train.loss=mse:
-# 214 "classes" in 442 rows), not a classification: refused unless data.many_classes confirms it.
-MANY_CLASSES, ROWS_PER_CLASS = 20, 5
-
-
-def _check_many_classes(names: list[str], rows: int, confirmed: bool, where: str) -> None:
-    k = len(names)
-    if confirmed or k <= MANY_CLASSES or k * ROWS_PER_CLASS <= rows or not all(_is_number(v) for v in names):
-        return
-    raise UserError(
-        f"{where}: the target holds {k} distinct numbers in {rows} rows ({rows / k:.1f} rows per value), a measurement rather than class labels: "
-        f"set train.loss=mse (or l1) for regression, or data.many_classes=true if these really are {k} classes")
 
 
 def _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state: dict, where: str) -> DataBundle:
@@ -118,7 +67,7 @@ def _bundle(x_tr, lab_tr, x_ev, lab_ev, cfg, state: dict, where: str) -> DataBun
     names = class_names(lab_tr + lab_ev)
     if len(names) < 2:
         raise UserError(f"{where}: the labels hold a single class ({names[0]!r}); need at least two")
-    _check_many_classes(names, len(lab_tr) + len(lab_ev), d.many_classes, where)
+    check_many_classes(names, len(lab_tr) + len(lab_ev), d.many_classes, where)
     state["class_names"] = names
     if d.standardize:
         state.update(fit_standardizer(x_tr))
@@ -194,10 +143,12 @@ def to_floats(rows, cols: list[int], names: list[str], path: str) -> torch.Tenso
     return x  # float64: standardisation statistics come from the exact values; apply_transform casts
 
 
-def csv_features(path: str, header: bool, target: str, ignore=(), feature_columns: Optional[list[str]] = None):
+def csv_features(path: str, header: bool, target: str, ignore=(), feature_columns: Optional[list[str]] = None, regression: bool = False,
+                 strict: bool = True):
     """Read features and labels from a csv file. target '' is the last column. feature_columns=None
     (training): every column but the target and ignored ones. Given (predict/eval files): those
-    columns, and the target only if the file has it. Returns (x, labels or None, features, target name or None)."""
+    columns, and the target only if the file has it. A missing label (regression: a value that is
+    not a finite number) is refused unless strict=False (predictions). Returns (x, labels or None, features, target name or None)."""
     names, rows = read_csv(path, header)
     if feature_columns is not None and not header and len(names) == len(feature_columns):
         t, skip = None, set()  # a header-less file of just the features
@@ -218,9 +169,8 @@ def csv_features(path: str, header: bool, target: str, ignore=(), feature_column
     labels = None
     if t is not None:
         labels = [r[t] for _, r in rows]
-        for (line, _), v in zip(rows, labels):
-            if v == "":
-                raise UserError(f"{path} line {line}: empty label in column '{names[t]}'")
+        if strict:
+            check_labels(labels, (f"line {line}, column '{names[t]}'" for line, _ in rows), regression, path)
     return x, labels, [names[c] for c in cols], (names[t] if t is not None else None)
 
 
@@ -234,9 +184,10 @@ def train_eval(d, x, labels, val):
 
 def build_csv(cfg) -> DataBundle:
     d = cfg.data
-    x, labels, features, target = csv_features(d.path, d.header, d.target, d.ignore)
+    regression = cfg.train.loss in REGRESSION_LOSSES
+    x, labels, features, target = csv_features(d.path, d.header, d.target, d.ignore, regression=regression)
     if d.val_path:
-        x_ev, lab_ev, _, _ = csv_features(d.val_path, d.header, target, d.ignore, features)
+        x_ev, lab_ev, _, _ = csv_features(d.val_path, d.header, target, d.ignore, features, regression)
         if lab_ev is None:
             raise UserError(f"{d.val_path}: no label column '{target}' (data.val_path needs the same columns as data.path)")
     x_tr, lab_tr, x_ev, lab_ev = train_eval(d, x, labels, (x_ev, lab_ev) if d.val_path else None)
@@ -247,8 +198,9 @@ def build_csv(cfg) -> DataBundle:
 # --------------------------------------------------------------------------- npz
 
 
-def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regression: bool = False):
-    """(x tensor, labels as strings or None) from an .npz file; pickled object arrays are refused."""
+def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regression: bool = False, strict: bool = True):
+    """(x tensor, labels as strings or None) from an .npz file; pickled object arrays are refused.
+    strict=False (predictions): missing labels are kept as they are, not refused."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz file not found: {path}")
@@ -266,17 +218,25 @@ def npz_arrays(path: str, x_key: str, y_key: str, need_y: bool = True, regressio
     if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise UserError(f"{path}: '{x_key}' must be a numeric array of shape (samples, features...), got {x.dtype} {x.shape}")
     if not np.isfinite(x).all():
-        raise UserError(f"{path}: '{x_key}' holds non-finite values")
-    labels = None
-    if y is not None:
-        if y.ndim != 1 or len(y) != len(x):
-            raise UserError(f"{path}: '{y_key}' has shape {y.shape} but '{x_key}' has {len(x)} samples (need one label per sample)")
-        if np.issubdtype(y.dtype, np.floating) and not regression:
-            if not np.all(np.mod(y, 1) == 0):
-                raise UserError(f"{path}: '{y_key}' holds non-integer numbers; class labels must be integers or strings (for regression set train.loss=mse or l1)")
-            y = y.astype(np.int64)
-        labels = [str(v) for v in y.tolist()]
-    return torch.from_numpy(np.ascontiguousarray(x)).float(), labels
+        first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+        raise UserError(f"{path}: '{x_key}' holds non-finite values (the first: {x[first]} at sample {first[0]}, "
+                        f"feature {first[1:] if len(first) > 2 else first[1]}); fill them in or drop those samples")
+    return torch.from_numpy(np.ascontiguousarray(x)).float(), None if y is None else npz_labels(y, len(x), path, x_key, y_key, regression, strict)
+
+
+def npz_labels(y: np.ndarray, n: int, path: str, x_key: str, y_key: str, regression: bool, strict: bool = True) -> list[str]:
+    """One label per sample as strings; NaN or a missing-value string refused with its index (strict)."""
+    if y.ndim != 1 or len(y) != n:
+        raise UserError(f"{path}: '{y_key}' has shape {y.shape} but '{x_key}' has {n} samples (need one label per sample)")
+    labels = [str(v) for v in y.tolist()]
+    if strict:
+        check_labels(labels, (f"'{y_key}'[{i}]" for i in range(n)), regression, path + ":")
+    if np.issubdtype(y.dtype, np.floating) and not regression:
+        finite = np.isfinite(y)
+        if not np.all(np.mod(y[finite], 1) == 0):
+            raise UserError(f"{path}: '{y_key}' holds non-integer numbers; class labels must be integers or strings (for regression set train.loss=mse or l1)")
+        labels = [str(int(v)) if ok else s for v, ok, s in zip(y.tolist(), finite.tolist(), labels)]
+    return labels
 
 
 def build_npz(cfg) -> DataBundle:

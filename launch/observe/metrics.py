@@ -29,7 +29,7 @@ from launch.config.validate import BUILTIN_METRICS
 from launch.errors import UserError
 from launch.observe.gather import gather_rows, share
 from launch.observe.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
-from launch.user_code import call, import_object
+from launch.user_code import call, import_object, short_name
 
 FITS = {"accuracy": ("class", "binary"), "top5": ("class",), "f1_macro": ("class", "binary"), "auroc": ("class", "binary"),
         "mse": ("regression",), "mae": ("regression",)}
@@ -193,7 +193,7 @@ class Tally:
             raise UserError("train.metrics: rank 0 could not compute a metric (its line says why)")
         computed = dict(zip(names, shared))
         for name in m.active:
-            key = "eval_" + name.rpartition(":")[2]
+            key = "eval_" + short_name(name)
             out[key] = computed[name] if name in computed else _from_sums(name, sums, self.slots[name], m.classes)
         return out
 
