@@ -80,6 +80,8 @@ def test_sigterm_to_torchrun_checkpoints_and_a_rerun_resumes(tmp_path):
     assert "checkpoint saved, rerun the same command to resume" in err, err
     m = re.search(r"stopped by SIGTERM at step (\d+) \((mid-epoch|after epoch) (\d+)\)", err)
     assert m, err
+    # its workers exit 0; torchrun, which got the SIGTERM itself, exits 1: the line says so (issue 22)
+    assert proc.returncode == 1 and "torchrun itself exits 1 if the SIGTERM reached it" in err, err
     # torchrun itself reports the signal with a traceback of its own; the workers print none
     assert "[rank0]:" not in err and "[rank1]:" not in err and "launch/train/loop.py" not in err, err
     latest = store.read_latest(tmp_path / "checkpoints")

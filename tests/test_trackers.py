@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,21 +40,39 @@ needs_wandb = pytest.mark.skipif(not _have("wandb"), reason="wandb not installed
 needs_mlflow = pytest.mark.skipif(not _have("mlflow", "sqlalchemy", "alembic"), reason="mlflow-skinny, sqlalchemy, alembic not installed (the [mlflow] extra)")
 
 
-def wandb_segments(run_dir) -> list[list[dict]]:
-    """The records of each process's W&B offline directory, oldest first, read by wandb's own reader."""
-    segments = []
-    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+def wandb_segments(*roots) -> list[list[dict]]:
+    """The records of each process's W&B offline directory under <root>/wandb, oldest first (by the
+    start time in its name), read by wandb's own reader."""
+    readers = []
+    for d in sorted((d for root in roots for d in (root / "wandb").glob("offline-run-*")), key=lambda d: d.name):
         (log,) = d.glob("run-*.wandb")
-        p = subprocess.run([PY, "-m", "wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
-        segments.append([json.loads(line) for line in p.stdout.splitlines() if line.strip()])
+        readers.append(subprocess.Popen([PY, "-m", "wandb", "leet", "inspect", "--json", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    segments = []
+    for p in readers:  # side by side: each is mostly the reader's start-up
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        segments.append([json.loads(line) for line in out.splitlines() if line.strip()])
     return segments
 
 
-def mlflow_client(run_dir):
+def mlflow_client(run_dir, copy: str = ""):
+    """A client on <run dir>/mlflow.db, or on a copy of it named `copy`: MLflow keeps one database
+    engine per store address in a process, which would go on reading a file replaced since."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    db = run_dir.resolve() / "mlflow.db"
+    if copy:
+        db = shutil.copy(db, run_dir.parent / copy)
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+def assert_mlflow_has_metrics_jsonl(client, run_id: str, records: list[dict]) -> None:
+    """Every field's points in the MLflow run, step by step, are those of metrics.jsonl."""
+    want = per_key(records)
+    assert set(client.get_run(run_id).data.metrics) == set(want)
+    for key, points in want.items():
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == points, key
 
 
 def per_key(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -78,19 +98,35 @@ def relays_of(run_dir) -> list:
 @needs_mlflow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the MLflow client's own, on sqlalchemy 2.1
 def test_stop_crash_and_rerun_continue_one_tracker_run_each(tmp_path):
-    run_dir = tmp_path / "r"
+    """A stop, a crash and a rerun: one W&B run and one MLflow run through all three, nothing twice or
+    backwards, equal to metrics.jsonl. The crashed job changed a setting on its resume (MLflow keeps it as
+    a parameter of its own); the last rerun finds mlflow.db lost (a new MLflow run, caught up from
+    metrics.jsonl) and WANDB_DIR set (W&B's files go there; before, into the run directory)."""
+    run_dir, elsewhere = tmp_path / "r", tmp_path / "wandb_dir"
     args = [*FAST, "log.tracker=[wandb,mlflow]"]
     env = {"WANDB_MODE": "offline"}
     p = spawn(2, run_dir, *args, LAUNCH_FAULT="stop:step=14", **env)  # a stop mid-epoch 1 (exit 75), as a requeue's SIGTERM
     assert p.returncode == 75, output(p)
     ids = json.loads((run_dir / "trackers.json").read_text())
+    args.append("train.check_every_steps=2")  # a setting changed on the resume at 14
     p = spawn(2, run_dir, *args, LAUNCH_FAULT="raise:step=22:rank=0", **env)  # logs 16 and 20, then crashes: the rerun redoes them from 14
-    assert p.returncode == 1, output(p)
-    p = spawn(2, run_dir, *args, **env)
+    assert p.returncode == 1 and "changed on resume at step 14: train.check_every_steps 1 -> 2" in p.stdout, output(p)
+    psutil.wait_procs(relays_of(run_dir), timeout=120)  # a failed job does not wait for its relay's finish
+    client = mlflow_client(run_dir, copy="crashed.db")
+    mrun = client.get_run(ids["mlflow"]["id"])  # the same run, continued, with the change beside the original value
+    changed = {k: v for k, v in mrun.data.params.items() if k.startswith("train.check_every_steps")}
+    assert changed == {"train.check_every_steps": "1", "train.check_every_steps/step14": "2"}, changed
+    assert mrun.info.status == "FAILED"
+    assert_mlflow_has_metrics_jsonl(client, mrun.info.run_id, read_metrics(run_dir))  # 4 to 20, each once
+
+    (run_dir / "mlflow.db").unlink()
+    p = spawn(2, run_dir, *args, WANDB_DIR=elsewhere, **env)
     assert p.returncode == 0, output(p)
+    assert f"offline, in {elsewhere / 'wandb'}; wandb sync" in p.stdout, output(p)
+    assert "a new run, caught up from metrics.jsonl: run {} of trackers.json is not in this store".format(ids["mlflow"]["id"]) in p.stdout, output(p)
     assert not relays_of(run_dir), "the job ended before its relay finished"
     state = json.loads((run_dir / "trackers.json").read_text())
-    assert {n: state[n]["id"] for n in state} == {n: ids[n]["id"] for n in ids}  # the same runs, continued
+    assert state["wandb"]["id"] == ids["wandb"]["id"] and state["mlflow"]["id"] != ids["mlflow"]["id"]
     assert state["wandb"]["status"] == state["mlflow"]["status"] == "finished"
     records = read_metrics(run_dir)
     steps = [r["step"] for r in records]
@@ -98,7 +134,8 @@ def test_stop_crash_and_rerun_continue_one_tracker_run_each(tmp_path):
     want = per_key(records)
 
     # W&B: one run (every process's directory has the same id), one row per record, in order.
-    segments = wandb_segments(run_dir)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(list((elsewhere / "wandb").glob("offline-run-*"))) == 1
+    segments = wandb_segments(run_dir, elsewhere)
     assert len(segments) == 3 and {s[1]["run"]["run_id"] for s in segments} == {state["wandb"]["id"]}
     rows = [r["history"]["item"] for s in segments for r in s if r["type"] == "history"]
     assert [r["step"] for r in rows] == steps
@@ -116,17 +153,15 @@ def test_stop_crash_and_rerun_continue_one_tracker_run_each(tmp_path):
     config = [r for s in segments for r in s if r["type"] == "config"]
     assert config and "train" in json.dumps(config[0])
 
-    # MLflow: one run, FINISHED, every field's history strictly increasing and equal to metrics.jsonl.
-    client = mlflow_client(run_dir)
+    # MLflow: the new run, FINISHED, every field's history equal to metrics.jsonl (the first steps caught up).
+    client = mlflow_client(run_dir, copy="finished.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "launch"]
     (mrun,) = client.search_runs([experiment.experiment_id])
     assert mrun.info.run_id == state["mlflow"]["id"] and mrun.info.status == "FINISHED"
     assert mrun.data.tags["model_path"] == str((run_dir / "model.pt").resolve())
     assert mrun.data.params["train.epochs"] == "2" and mrun.data.params["log.tracker"] == '["wandb", "mlflow"]'
-    assert set(mrun.data.metrics) == set(want)
-    for key, points in want.items():
-        history = sorted(client.get_metric_history(mrun.info.run_id, key), key=lambda m: m.step)
-        assert [(m.step, m.value) for m in history] == points, key
+    assert mrun.data.params["train.check_every_steps"] == "2"
+    assert_mlflow_has_metrics_jsonl(client, mrun.info.run_id, records)
 
 
 # --------------------------------------------------------------------------- missing, failing
@@ -169,6 +204,9 @@ def test_mlflow_asks_for_its_sqlite_store_and_unknown_names_are_refused(monkeypa
     assert config.load(None, ["log.tensorboard=true", "log.tracker=[wandb,tensorboard]"]).log.trackers == ["wandb", "tensorboard"]
 
 
+GARBAGE = b"this is not an sqlite database\n" * 64
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,6 +216,7 @@ def _closed_port() -> int:
 @needs_mlflow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path):
+    """...from metrics.jsonl, even when MLflow's sqlite file there is garbage: set aside, one line, a fresh one."""
     run_dir = tmp_path / "r"
     args = [*FAST, "data.batch_size=32", "log.tracker=[mlflow,tests.user_trackers:Recorder]"]
     # MLflow's server is gone (nothing listens there) and the recorder's disk is full from step 10.
@@ -189,31 +228,43 @@ def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path):
     assert "tracker mlflow failed while opening its run" in warnings[0] + warnings[1]
     assert any("tracker tests.user_trackers:Recorder failed at step 12 (OSError: [Errno 28] No space left" in w for w in warnings), warnings
     assert [r["step"] for r in read_metrics(run_dir)] == [4, 8, 12, 12, 16]  # metrics.jsonl unaffected (a stop at 20 comes before its record)
-    # The rerun, with both working again: each catches up from metrics.jsonl and goes on; nothing twice.
+    # The rerun, with both working again (MLflow on the default sqlite file, where garbage lies): each
+    # catches up from metrics.jsonl and goes on, nothing twice; the garbage is set aside, said in one line.
+    db = run_dir / "mlflow.db"
+    db.write_bytes(GARBAGE)
     p = single(run_dir, *args)
     assert p.returncode == 0 and "warning" not in p.stderr, output(p)
     steps = [r["step"] for r in read_metrics(run_dir)]
     recorded = [json.loads(line) for line in (run_dir / "recorder.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recorded if "step" in r] == steps
     assert [r["finish"] for r in recorded if "finish" in r] == ["finished"]  # the failed one got no more calls
+    said = [line for line in p.stdout.splitlines() if line.startswith("mlflow: ")]
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["id"]
+    assert len(said) == 1 and f"run {run_id} in sqlite:///{db} (a new run, caught up from metrics.jsonl: {db} was unreadable (file is not a database), kept as mlflow.db.unreadable-" in said[0], output(p)
+    (kept,) = run_dir.glob("mlflow.db.unreadable-*")
+    assert kept.read_bytes() == GARBAGE  # set aside as it was, never deleted
     client = mlflow_client(run_dir)
     (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train_loss")] == [12, 24]
+    assert mrun.info.run_id == run_id and mrun.info.status == "FINISHED"
+    assert_mlflow_has_metrics_jsonl(client, run_id, read_metrics(run_dir))
 
 
 # --------------------------------------------------------------------------- the relay in process
 
 
-def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path):
+def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path, monkeypatch):
     """The rules on their own: a step's second record adds only what it lacks; after a restart,
-    records at or before the last logged step are skipped (a recomputed record), new ones go on."""
+    records at or before the last logged step are skipped (a recomputed record), new ones go on; a
+    resume's catch-up reads metrics.jsonl up to its step, and a tracker whose run had to start anew
+    (another id from open) gets all of it."""
     from launch.observe.trackers import relay
 
     meta = {"name": "t", "project": "", "config": {"train": {"lr": 0.1}}}
     opening = json.dumps({"open": {"names": ["tests.user_trackers:Recorder"], "meta": meta}})
 
-    def feed(*records, end=None):
-        lines = [opening, *(json.dumps({"record": r}) for r in records)] + ([json.dumps({"end": end})] if end else [])
+    def feed(*records, end=None, catch_up=None):
+        lines = [opening] + ([json.dumps({"catch_up": catch_up})] if catch_up is not None else [])
+        lines += [*(json.dumps({"record": r}) for r in records)] + ([json.dumps({"end": end})] if end else [])
         out, err = io.StringIO(), io.StringIO()
         relay.serve(tmp_path, iter(lines), out, err)
         assert err.getvalue() == ""
@@ -236,6 +287,34 @@ def test_the_relay_logs_each_step_once_and_never_backwards(tmp_path):
     ]
     state = json.loads((tmp_path / "trackers.json").read_text())["tests.user_trackers:Recorder"]
     assert state["step"] == 12 and state["status"] == "finished"
+
+    # Its store lost the run: open names another, which gets metrics.jsonl's records up to the
+    # resumed step (not the one after it, nor the torn line), then the new ones.
+    kept = [{"step": 4, "lr": 0.1}, {"step": 8, "lr": 0.1}, {"step": 12, "lr": 0.2}, {"step": 16, "lr": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"step": 1')
+    monkeypatch.setenv("RECORDER_ID", "rec-2")
+    said = feed({"step": 16, "lr": 0.4}, catch_up=12)
+    assert "continuing" not in said
+    got = [json.loads(line) for line in (tmp_path / "recorder.jsonl").read_text().splitlines()][9:]
+    assert got == [{"open": "rec-1", "lr": 0.1}, *({"step": r["step"], "numbers": {"lr": r["lr"]}} for r in kept[:3]),
+                   {"step": 16, "numbers": {"lr": 0.4}}, {"finish": "failed", "model": None}]
+    state = json.loads((tmp_path / "trackers.json").read_text())["tests.user_trackers:Recorder"]
+    assert state["id"] == "rec-2" and state["step"] == 16
+
+
+def test_mlflow_names_each_change_of_a_setting_with_its_step_and_never_reuses_a_name():
+    """A NaN at step 100 (exit 3), `train.lr` lowered, NaN again, lowered again (both reruns resume at
+    100), then back to the first value at 300: each change is a name of its own, in MLflow's alphabet
+    (no '@'), saying the setting and the step; an unchanged setting adds nothing."""
+    from launch.observe.trackers.mlflow_tracker import changed_params
+
+    have = {"train.lr": "0.1", "train.epochs": "9"}
+    for lr, step, new in (("0.05", 100, "train.lr/step100"), ("0.02", 100, "train.lr/step100-2"), ("0.02", 200, None),
+                          ("0.1", 300, "train.lr/step300"), ("0.1", 400, None)):
+        got = changed_params(have, {"train.lr": lr, "train.epochs": "9", "log.new": "1"}, step)
+        assert got == {**({new: lr} if new else {}), **({} if "log.new" in have else {"log.new": "1"})}, (lr, step, got)
+        assert all(re.fullmatch(r"[\w./ :-]+", k) for k in got)
+        have.update(got)
 
 
 def test_a_fresh_start_moves_the_tracker_runs_aside_with_the_rest(tmp_path):

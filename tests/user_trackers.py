@@ -1,6 +1,6 @@
 """A tracker of our own for tests/test_trackers.py (log.tracker=tests.user_trackers:Recorder): it appends
 what it is given to <run dir>/recorder.jsonl, and with RECORDER_FAIL_AT=N fails from step N on, as a
-tracker on a full disk would."""
+tracker on a full disk would; RECORDER_ID=X makes `open` name run X whatever was saved."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Recorder:
 
     def open(self, saved):
         self._add(open=saved.get("id"), lr=self.meta["config"]["train"]["lr"])
-        return {"id": saved.get("id") or "rec-1"}
+        return {"id": os.environ.get("RECORDER_ID") or saved.get("id") or "rec-1"}  # RECORDER_ID: as a store that lost the saved run
 
     def log(self, step, numbers):
         fail_at = int(os.environ.get("RECORDER_FAIL_AT", 0) or 0)

@@ -54,7 +54,9 @@ class MetricsLog:
             self.tb = tensorboard_writer_class()(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
         others = [n for n in names if n != "tensorboard"]
         if enabled and others:
-            self.relay = Relay(run_dir, others, meta or {"name": Path(run_dir).name, "project": "", "config": {}})
+            meta = meta or {"name": Path(run_dir).name, "project": "", "config": {}}
+            # step: where this job starts (a resume's checkpoint step; purge_step is the step after it)
+            self.relay = Relay(run_dir, others, {**meta, "step": max(purge_step - 1, 0)})
 
     def truncate_after(self, step: int) -> Optional[str]:
         """On resume, drop records written after the checkpoint we resume from (they will be redone).
@@ -74,8 +76,8 @@ class MetricsLog:
         keep = b"".join(line + b"\n" for line, _ in kept)
         if keep != raw:
             integrity.atomic_write(self.path, lambda f: f.write(keep), what="metrics log")
-        if self.relay is not None:  # what a tracker missed (it failed, or was added since) comes from here
-            self.relay.catch_up([rec for _, rec in kept])
+        if self.relay is not None and step >= 0:  # what a tracker missed (it failed, was added, lost its run) comes from here
+            self.relay.catch_up(step)
         return note
 
     def write(self, record: dict) -> None:

@@ -74,7 +74,7 @@ def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
     from launch.processes import dist as dist_mod, hangs
     from launch.processes.rendezvous import RendezvousError
-    from launch.processes.stopping import Stopped, restarted_by_kubernetes
+    from launch.processes.stopping import Stopped, as_launcher_ends_it
     from launch.train.loop import train
 
     try:
@@ -103,18 +103,13 @@ def run_worker(cfg) -> int:
         dist_mod.exit_hard(e.code)
     except Stopped as e:
         # Every rank agreed on this stop and passed the save barrier: a normal teardown is safe.
-        code = e.code
-        if code == EXIT_STOPPED and env.launcher == "torchrun" and not restarted_by_kubernetes():
-            # torchrun counts any non-zero exit as a failure: it would restart the workers
-            # (--max-restarts) and resume them, or end in a ChildFailedError wall. Exit 0; the run
-            # directory's STOPPED file tells this stop from a finish.
-            code = 0
-            e = Stopped(f"{e} (exit 0 under torchrun, which restarts failed workers; {cfg.run_dir / 'STOPPED'} records the stop)", code)
+        # Under torchrun a stop exits 0 (it restarts failed workers; not in a Kubeflow pod); the line says what the job exits with.
+        e = as_launcher_ends_it(e, env.launcher, cfg.run_dir)
         if env.is_main:
             print(("" if e.code in (EXIT_STOPPED, 0) else "error: ") + str(e), file=sys.stderr, flush=True)
         if rt is not None:
             dist_mod.teardown(rt)
-        return code
+        return e.code
     except Exception as e:
         if rt is not None and env.distributed and (hangs.is_timeout(e) or (_is_peer_failure(e) and hangs.peer_timed_out(rt))):
             _say_once(f"error: {hangs.report(rt, cfg.run_dir, e)}")
@@ -173,13 +168,13 @@ def spawn(cfg, nproc: int) -> int:
     os.environ[lifeline.PARENT_ENV] = str(os.getpid())  # the workers compare it with their parent at start
     ctx = mp.start_processes(_spawn_entry, args=(nproc, store.port, cfg.to_dict()), nprocs=nproc, join=False, start_method="spawn")
 
-    def forward(signum, frame):  # Ctrl-C / SIGTERM to the parent reach every worker
+    def forward(signum, frame):  # Ctrl-C, SIGTERM, SIGUSR1 to the parent reach every worker (SIGUSR1 would kill it)
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # the workers' stop signals (launch.processes.stopping)
+        signal.signal(sig, forward)
     try:
         # After a failure, peers get 5 s to leave on their own (they see the dead peer within
         # milliseconds), then SIGTERM, then SIGKILL: never the 30 s default grace period.

@@ -20,11 +20,13 @@ from launch.processes.dist import Runtime, all_reduce_sum
 
 
 class Stopped(Exception):
-    """Training stopped early on purpose; carries the exit code and a one-line message."""
+    """Training stopped early on purpose; carries the exit code, a one-line message and the signals
+    among its causes."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, signals: tuple = ()):
         super().__init__(message)
         self.code = code
+        self.signals = tuple(signals)
 
 
 class StopRequest:
@@ -40,6 +42,7 @@ class StopRequest:
         self.first_at = 0.0
         self.stop_file = stop_file
         self.agreed = ""  # the causes every rank agreed on, for the stop's line
+        self.agreed_signals: list[str] = []  # the signals among them
         self.guard = None  # rank 0: RunLock.still_ours, False once the run directory was replaced
 
     def install(self) -> dict:
@@ -60,6 +63,12 @@ class StopRequest:
         """This rank's vote per cause: [stop file, SIGTERM, SIGINT, SIGUSR1]."""
         return [float(self.stop_file.exists()), *(float(self.signum == s) for s in self.SIGNALS)]
 
+    def signals(self) -> list[str]:
+        """The signals among the stop's causes: agreed on by the ranks, else this rank's own."""
+        if self.agreed:
+            return self.agreed_signals
+        return [signal.Signals(self.signum).name] if self.signum else []
+
     def reason(self) -> str:
         if self.agreed:
             return self.agreed
@@ -70,6 +79,7 @@ class StopRequest:
     def agree_on(self, counts: list[float], world_size: int) -> None:
         """Name the stop by what the ranks saw: 'SIGTERM (on 1 of 2 ranks)', never a cause nobody saw."""
         named = []
+        self.agreed_signals = [cause for cause, n in zip(self.CAUSES, counts) if n > 0 and cause != "stop file"]
         for cause, n in zip(self.CAUSES, counts):
             if n > 0 and cause == "stop file":  # one file for the job: how many ranks saw it yet is timing, not news
                 named.append(f"stop file {self.stop_file}")
@@ -135,4 +145,29 @@ def stopped(stop: StopRequest, rt: Runtime, run_dir: Path, step: int, where: str
     if rt.env.is_main:
         (run_dir / "STOP").unlink(missing_ok=True)
         (run_dir / STOPPED).write_text(line + "\n")
-    return Stopped(line, EXIT_STOPPED)
+    return Stopped(line, EXIT_STOPPED, stop.signals())
+
+
+FORWARDED = ("SIGTERM", "SIGINT")  # what torchrun's agent catches and passes on to its workers
+
+
+def as_launcher_ends_it(e: Stopped, launcher: str, run_dir: Path) -> Stopped:
+    """A stop on purpose with the exit code it takes under `launcher`, and its line saying what the job
+    exits with. Measured (torch 2.13, Slurm 22.05; tests/test_stops.py): plain python, `--nproc` (the
+    parent passes its workers' code on) and srun tasks (srun passes the highest on) exit 75. torchrun
+    restarts a worker that exits non-zero (--max-restarts) or ends in a ChildFailedError, so there the
+    workers exit 0, and torchrun exits 0 when only they were signalled (or saw the STOP file); when
+    torchrun got SIGTERM or SIGINT itself (Ctrl-C at its terminal, `kill` of its pid, scancel of the
+    step) it passes the signal on, waits for its workers and exits 1 with a SignalException. A worker
+    cannot tell those two apart, so its line says both. (torchrun has no handler for SIGUSR1: sent to
+    it, that signal kills it and its workers with it, nothing saved: send it to the workers, or use STOP.)"""
+    if e.code != EXIT_STOPPED:
+        return e
+    if launcher != "torchrun":
+        return Stopped(f"{e} (exit {EXIT_STOPPED})", EXIT_STOPPED, e.signals)
+    if restarted_by_kubernetes():  # a TrainJob pod: Kubernetes, not torchrun, restarts it
+        return Stopped(f"{e} (exit {EXIT_STOPPED}: in a Kubeflow TrainJob pod Kubernetes restarts the container, which resumes)", EXIT_STOPPED, e.signals)
+    sent = [s for s in e.signals if s in FORWARDED]
+    then = (f"; torchrun itself exits 1 if the {' or '.join(sent)} reached it, 0 if only its workers got it" if sent
+            else ", and so does torchrun")
+    return Stopped(f"{e} (the workers exit 0 under torchrun, which would restart them otherwise{then}; {run_dir / STOPPED} records the stop)", 0, e.signals)

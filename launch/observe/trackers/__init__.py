@@ -8,14 +8,17 @@ could hang on a half-dead process group) and W&B writes its run file in 32 KiB b
 leaves by any path the pipe ends, and the relay finishes every tracker run (finished, stopped or
 failed), so a stop, a crash or a kill of rank 0 loses nothing; and a slow tracker never stalls a step.
 Should the relay be killed with the job (the end of a SLURM step kills what is left in it), a resume
-hands it metrics.jsonl's records again from each tracker's last kept step (W&B's is kept only at
-its finish), so what was not safe yet is logged again.
+has it read metrics.jsonl again and give each tracker what it lacks after its last kept step (W&B's is
+kept only at its finish), so what was not safe yet is logged again; a tracker whose run is gone from
+its store (`open` returns another id) gets all of it.
 
 A tracker is a class (the built-ins below, or `log.tracker=pkg.module:Class`):
 
-    tracker = Class(run_dir: Path, meta: dict)   # meta: name (run.name), project (log.project), config (nested dict)
+    tracker = Class(run_dir: Path, meta: dict)   # meta: name (run.name), project (log.project), config (nested dict),
+                                                 # step (where this job starts: 0, or the step it resumes from)
     ident = tracker.open(saved: dict)            # start, or continue the run `saved` names ({} the first time);
-                                                 # returns what names it (kept in <run dir>/trackers.json)
+                                                 # returns what names it (kept in <run dir>/trackers.json): another
+                                                 # "id" than saved's says its run is new, to be caught up from the start
     tracker.log(step: int, numbers: dict)        # {name: float}; x axis: the optimizer step; may return a dict to keep
     tracker.finish(status: str, model)           # 'finished' (model: model.pt's path), 'stopped' or 'failed' (model None)
     tracker.where                                # optional: one line said when the run opens

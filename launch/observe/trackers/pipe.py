@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import launch
-from launch.observe.trackers import STATE, _short
+from launch.observe.trackers import _short
 from launch.observe.trackers.relay import FINISH_S
 from launch.processes import lifeline
 
@@ -56,17 +56,12 @@ class Relay:
         if len(self.backlog) > MAX_BACKLOG:
             self._give_up(f"is {len(self.backlog) >> 20} MiB of records behind")
 
-    def catch_up(self, records: list[dict]) -> None:
-        """On a resume: metrics.jsonl's records from each tracker's last logged step on (none for a
-        tracker that is up to date; all of them for one added since), the relay skipping what it has."""
-        try:
-            state = json.loads((self.run_dir / STATE).read_text())
-        except (OSError, ValueError):
-            state = {}
-        floor = min((state.get(n, {}).get("step", -1) if isinstance(state.get(n), dict) else -1) for n in self.names)
-        for rec in records:
-            if rec.get("step", 0) >= floor:
-                self.send({"record": rec})
+    def catch_up(self, step: int) -> None:
+        """On a resume, once metrics.jsonl holds just the records up to `step`: the relay reads them
+        there and hands each tracker what it lacks (nothing to one that is up to date; all of them to
+        one added since, or whose run its store lost). It decides, not this process: it reads
+        trackers.json after the previous relay's finish and knows which runs had to start anew."""
+        self.send({"catch_up": int(step)})
 
     def close(self, model: Optional[str], wait: bool) -> None:
         """The rest of the records and the end (model: model.pt's path when the run finished; None

@@ -1,8 +1,9 @@
 """The tracker relay: `python -m launch.observe.trackers.relay RUN_DIR`, started and fed by rank 0 (launch.observe.trackers.pipe).
 
-It reads JSON lines from stdin: {"open": {names, meta}} first, then {"record": ...} per metrics.jsonl
-record, and {"end": model_path} when the run finished. The end of stdin, whichever way rank 0 left,
-finishes every tracker run: 'finished' after "end", 'stopped' if rank 0 left a STOPPED file (a stop
+It reads JSON lines from stdin: {"open": {names, meta}} first, then on a resume {"catch_up": step}
+(metrics.jsonl is final up to that step: the relay reads it from there), {"record": ...} per new
+metrics.jsonl record, and {"end": model_path} when the run finished. The end of stdin, whichever way
+rank 0 left, finishes every tracker run: 'finished' after "end", 'stopped' if rank 0 left a STOPPED file (a stop
 on purpose: the rerun continues), else 'failed'. SIGINT and SIGTERM are ignored (a Ctrl-C or a
 preemption signal reaches the whole job; the relay still has to finish what rank 0 sent), and the
 finish gets FINISH_S seconds at most.
@@ -10,10 +11,12 @@ finish gets FINISH_S seconds at most.
 <run dir>/trackers.json keeps, per tracker, what names its run and the last step logged to it with the
 fields logged at that step: a record at an earlier step is not logged again, and at the same step only
 fields that step lacks (metrics.jsonl may hold a step record and an epoch record at one step); a
-tracker that keeps data only at its finish (W&B) has its step kept only then. On a resume rank 0 sends
-metrics.jsonl's records from the lowest of those steps on, so a tracker that failed, was killed or is
-new catches up. One relay per run directory at a time: a rerun's relay waits for the previous one's
-finish (.trackers.lock).
+tracker that keeps data only at its finish (W&B) has its step kept only then. On a resume the relay
+hands every tracker metrics.jsonl's records up to the resumed step, each taking what it lacks, so a
+tracker that failed, was killed or is new catches up, and so does one whose run had to be started
+anew (its store lost the run: `open` returned another id, and its saved progress is dropped). One
+relay per run directory at a time: a rerun's relay waits for the previous one's finish
+(.trackers.lock), so trackers.json is final when it is read.
 What the trackers' own libraries print goes to <run dir>/trackers.log; the relay says one line per
 tracker when its run opens and one line if it fails, after which it gets nothing more from this job.
 """
@@ -33,19 +36,23 @@ from launch.observe.trackers import STATE, STOPPED, _short, load, numbers
 FINISH_S = 120
 LOCK = ".trackers.lock"
 LOG = "trackers.log"
+METRICS = "metrics.jsonl"
 
 
 class Book:
     """trackers.json, written whole (temporary name, fsync, rename) whenever a tracker's state is kept."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, out=None):
         self.path = Path(run_dir) / STATE
         self.data: dict = {}
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text())
-            except (OSError, ValueError):  # unreadable: set aside, never dropped; the trackers start new runs
-                integrity.set_aside(self.path, "unreadable")
+            except (OSError, ValueError) as e:  # unreadable: set aside, never dropped; the trackers start new runs
+                kept = integrity.set_aside(self.path, "unreadable")
+                if out is not None:
+                    print(f"trackers: {self.path} was unreadable ({_short(e, 80)}), kept as {kept.name if kept else '?'}: "
+                          "new tracker runs, caught up from metrics.jsonl", file=out, flush=True)
             if not isinstance(self.data, dict):
                 self.data = {}
 
@@ -67,7 +74,10 @@ class Feed:
 
     def open(self, out) -> None:
         try:
-            self.state.update(self.tracker.open(dict(self.state)) or {})
+            ident = self.tracker.open(dict(self.state)) or {}
+            if self.state.get("id") and ident.get("id", self.state["id"]) != self.state["id"]:
+                self.state = {}  # a new run (the saved one is gone): nothing is logged to it yet
+            self.state.update(ident)
             self.state["status"] = "running"
             self.book.keep(self.name, self.state)
         except Exception as e:  # noqa: BLE001 - any failure of a tracker is its own, never the training's
@@ -135,7 +145,7 @@ def _lock(run_dir: Path) -> int:
 def serve(run_dir: Path, lines, out, err) -> None:
     """Open the trackers named by the first line, feed them every record, finish them at the end of `lines`."""
     first = json.loads(next(lines, "") or "{}").get("open") or {}
-    book = Book(run_dir)
+    book = Book(run_dir, out)
     feeds = []
     for name in first.get("names", []):
         try:
@@ -151,16 +161,41 @@ def serve(run_dir: Path, lines, out, err) -> None:
             msg = json.loads(line)
         except ValueError:  # the torn end of a write cut short when rank 0 died
             continue
-        if "record" in msg:
-            step, values = numbers(msg["record"])
+        if "end" in msg:
+            status, model = "finished", msg["end"]
+        for record in _records(run_dir, msg):
+            step, values = numbers(record)
             for feed in feeds:
                 feed.record(step, values)
-        elif "end" in msg:
-            status, model = "finished", msg["end"]
     if status != "finished" and (run_dir / STOPPED).exists():
         status = "stopped"
     for feed in feeds:
         feed.finish(status, model)
+
+
+def _records(run_dir: Path, msg: dict) -> list[dict]:
+    """What a message hands the trackers: a new record, or on a resume the records it already has."""
+    if "record" in msg:
+        return [msg["record"]]
+    return _kept(run_dir, msg["catch_up"]) if "catch_up" in msg else []
+
+
+def _kept(run_dir: Path, upto: int) -> list[dict]:
+    """metrics.jsonl's records up to step `upto` (rank 0 truncated it there before saying so; what it
+    appends since comes through the pipe); a torn line is skipped, as everywhere."""
+    try:
+        raw = (run_dir / METRICS).read_bytes()
+    except OSError:
+        return []
+    out = []
+    for line in raw.split(b"\n"):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
+            out.append(rec)
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
-"""Weights & Biases. Mode, entity and key come from W&B's own variables (WANDB_MODE=offline runs
-with no network: the run's files go under <run dir>/wandb/, `wandb sync` uploads them later).
+"""Weights & Biases. Mode, entity, key and directory come from W&B's own variables (WANDB_MODE=offline
+runs with no network, `wandb sync` uploads them later). Its files go under $WANDB_DIR/wandb/ when
+WANDB_DIR is set, else under <run dir>/wandb/ (not the working directory, W&B's own default).
 
 One history row per metrics.jsonl record, each with the optimizer step as `step`, the x axis of
 every chart (define_metric). W&B's own row counter (`_step`) is kept in trackers.json and goes on
@@ -38,13 +39,14 @@ class WandbTracker:
             "id": saved.get("id") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)),
             "project": saved.get("project") or self.meta["project"] or os.environ.get("WANDB_PROJECT") or "launch",
         }
-        # A process's files are <run dir>/wandb/*run-<start second>-<id>: a second process of the same
-        # run within the same second would write into the first one's directory.
-        while any((self.run_dir / "wandb").glob(f"*run-{time.strftime('%Y%m%d_%H%M%S')}-{ident['id']}")):
+        root = os.environ.get("WANDB_DIR") or str(self.run_dir)
+        # A process's files are <root>/wandb/*run-<start second>-<id> (.wandb where that exists, as W&B
+        # picks): a second process of the same run within the same second would write into the first one's.
+        while any(Path(root).glob(f"*wandb/*run-{time.strftime('%Y%m%d_%H%M%S')}-{ident['id']}")):
             time.sleep(0.05)
         # console='off': W&B would otherwise wrap this process's stdout/stderr; silent: no banner.
         self.run = wandb.init(
-            id=ident["id"], project=ident["project"], name=self.meta["name"], resume="allow", dir=str(self.run_dir),
+            id=ident["id"], project=ident["project"], name=self.meta["name"], resume="allow", dir=root,
             settings=wandb.Settings(silent=True, console=os.environ.get("WANDB_CONSOLE", "off")),
         )
         self.run.config.update(self.meta["config"], allow_val_change=True)  # a setting changed on resume shows its new value
@@ -53,7 +55,7 @@ class WandbTracker:
         # Online, W&B knows where the run's history ends; offline it starts at 0 in every process.
         self.row = max(int(saved.get("row", -1)) + 1, int(getattr(self.run, "starting_step", 0) or 0))
         offline = self.run.settings.mode == "offline"
-        seen = f"offline, in {self.run_dir / 'wandb'}; wandb sync uploads it" if offline else self.run.url
+        seen = f"offline, in {self.run.settings.wandb_dir}; wandb sync uploads it" if offline else self.run.url
         self.where = f"run {ident['id']} in project {ident['project']} ({seen})"
         return {**ident, "row": self.row - 1}
 
