@@ -91,3 +91,11 @@ def test_the_stop_line_names_each_launchers_exit(launcher, signals, code, says):
     e = as_launcher_ends_it(Stopped("stopped by X at step 3 (mid-epoch 0); checkpoint saved, rerun the same command to resume", EXIT_STOPPED, signals), launcher, Path("/r"))
     assert e.code == code and says in str(e), str(e)
     assert as_launcher_ends_it(Stopped("non-finite loss", EXIT_NONFINITE), launcher, Path("/r")).code == EXIT_NONFINITE  # not a stop on purpose
+
+
+def test_the_stop_line_in_a_kubeflow_pod_names_exit_75(monkeypatch):
+    """In a TrainJob pod Kubernetes restarts the container, not torchrun: a stop leaves it 75."""
+    monkeypatch.setenv("PET_NNODES", "2")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    e = as_launcher_ends_it(Stopped("stopped by SIGTERM at step 3 (mid-epoch 0); checkpoint saved", EXIT_STOPPED, ("SIGTERM",)), "torchrun", Path("/r"))
+    assert e.code == EXIT_STOPPED and "(exit 75: in a Kubeflow TrainJob pod" in str(e), str(e)
