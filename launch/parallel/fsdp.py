@@ -33,6 +33,7 @@ from launch.parallel.ddp import Replicated
 
 class Sharded(Replicated):
     lockstep_forward = True  # every forward gathers parameters from every rank: evaluation must keep pace
+    shard_mesh = None  # the DeviceMesh to shard over (launch.parallel.meshed: HSDP's 2-D mesh, FSDP x TP's data part); None: every rank
 
     def __init__(self, cfg, rt, say):
         super().__init__(cfg, rt, say)
@@ -66,6 +67,8 @@ class Sharded(Replicated):
         }
         if d.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        if self.shard_mesh is not None:
+            options["mesh"] = self.shard_mesh
         # The loop never modifies a model's output in place (losses are out of place): FSDP's warning
         # about outputs that are views cannot apply, and would print on every rank.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
