@@ -145,8 +145,9 @@ def total_norm(grads: list) -> torch.Tensor:
     for g in grads:
         mesh, dims = None, ()
         if hasattr(g, "placements"):
-            mesh, dims = g.device_mesh, tuple(i for i, p in enumerate(g.placements) if p.is_shard())
-        groups.setdefault((id(mesh), dims), (mesh, dims, []))[2].append(_local(g))
+            # sharded along a mesh dimension: Shard, and FSDP x TP's _StridedShard (not a Shard to is_shard())
+            mesh, dims = g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
+        groups.setdefault((mesh, dims), (mesh, dims, []))[2].append(_local(g))  # equal meshes are one key
     total = None
     for mesh, dims, tensors in groups.values():
         norms = torch._foreach_norm(tensors, 2.0)

@@ -18,6 +18,7 @@ mesh) and reshard to any other mesh or strategy; model.pt is gathered whole, a p
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from torch import nn
 
@@ -38,6 +39,9 @@ class Meshed(Sharded):
         self.sharded = True  # DTensor parameters: sharded checkpoints, model.pt gathered
         self.lockstep_forward = True
         self.device_mesh, self.data_group = None, None
+        # Gathering FSDP x TP's (_StridedShard, Shard) parameters whole (model.pt) takes two all-gathers, and
+        # DTensor warns on every rank that they cannot be merged: gathers sum nothing, the order cannot matter.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
     def prepare(self, bare: nn.Module, task, sample) -> None:
         lay = self.layout
