@@ -168,8 +168,8 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
 
 
 def _build(cfg, rt: Runtime, lay):
-    """Data, model and loss, checked against each other on a real batch. Nothing is written yet.
-    Each rank is fed its data-parallel rank's share (`lay`, launch.parallel.mesh)."""
+    """Data, model and loss, checked against each other on a real batch; each rank is fed its
+    data-parallel rank's share (`lay`, launch.parallel.mesh). Nothing is written yet."""
     data = build_data(cfg)
     ranks = lay.data_size
     global_batch = cfg.data.batch_size * ranks
@@ -208,13 +208,13 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
     first save will succeed, writes config.yaml and tidies up; then the metrics log opens and every
     rank's table is printed."""
     cfg, rt, say = run.cfg, run.rt, run.say
-    run_dir = cfg.run_dir
+    run_dir, ranks = cfg.run_dir, mesh.layout(cfg, rt.env).data_size  # data-parallel ranks: the checkpoint's world_size
     torn, changed = None, []
     if resumed_from is not None:
         before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
         saved = changes.saved_config(ckpt, before)
         was = (ckpt.get("batch_size", 0), ckpt.get("world_size", 0), (saved.get("train") or {}).get("accum_steps", 1))
-        now = (cfg.data.batch_size, mesh.layout(cfg, rt.env).data_size, cfg.train.accum_steps)  # data-parallel ranks
+        now = (cfg.data.batch_size, ranks, cfg.train.accum_steps)
         same_global = was[0] * was[1] * was[2] == now[0] * now[1] * now[2]
         changed, refused = changes.review(saved, cfg.to_dict(), same_global)
         if refused:
@@ -249,11 +249,9 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
         say(line)
     if resumed:
         say(f"resumed from {resumed_from} (epoch {run.state.epoch}, step {run.state.step})")
-        if ckpt["world_size"] != mesh.layout(cfg, rt.env).data_size:
-            say(
-                f"note: checkpoint was written with world size {ckpt['world_size']}, resuming with {mesh.layout(cfg, rt.env).data_size}: "
-                f"epoch {run.state.epoch} continues at sample {run.state.samples_in_epoch} of its permutation"
-            )
+        if ckpt["world_size"] != ranks:
+            say(f"note: checkpoint was written with world size {ckpt['world_size']}, resuming with {ranks}: "
+                f"epoch {run.state.epoch} continues at sample {run.state.samples_in_epoch} of its permutation")
     if rt.env.restart_count:
         say(f"torchrun restart {rt.env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
 
