@@ -188,7 +188,7 @@ class DistConfig:
     tp: int = 1
     """Tensor parallel over groups of this many consecutive ranks (keep them inside a node): each layer of the model's plan (model.tp_plan) split over the group, whose ranks see the same samples; the data-parallel world is world / dist.tp. Composes with dist.strategy=fsdp (FSDP x TP: TP inside, FSDP over the data-parallel ranks) and dist.replicate. 1: off."""
     sequence_parallel: bool = False
-    """dist.tp: also shard the activations between the tensor-parallel layers along the sequence (norms, dropout), where the plan has sequence-parallel entries (or your model.tp_plan takes sequence_parallel)."""
+    """dist.tp: also split the activations between the tensor-parallel pairs along the sequence (the norms run on sequence shards; a colwise layer all-gathers the sequence, a rowwise one reduce-scatters it), where the plan allows: a Hugging Face plan that starts at an embedding entry and ends at a gathered output head (Llama's), or your model.tp_plan taking sequence_parallel."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
     timeout_s: float = 30.0

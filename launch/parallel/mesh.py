@@ -171,6 +171,15 @@ def clip_(params: list, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def match_layouts(params: list) -> None:
+    """Give each DTensor gradient its parameter's placements (a whole gradient of a split parameter is
+    cut to this rank's part; nothing to send)."""
+    for p in params:
+        g = p.grad
+        if g is not None and hasattr(g, "placements") and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 def average_gradients(params: list, group, size: int, bucket_mb: float) -> None:
     """Average the (local) gradients over a data-parallel group: flat buckets of at most bucket_mb
     in parameter order, one all-reduce each (the same layout at every step: a resumed run sums in

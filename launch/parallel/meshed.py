@@ -70,9 +70,15 @@ class Meshed(Sharded):
     def micro_step(self, module: nn.Module, sync: bool, real: bool):
         if self.shards:
             return super().micro_step(module, sync, real)
-        if sync and self.data_group is not None:  # after the step's last backward: the data-parallel average
-            return _after(mesh.average_gradients, self.params, self.data_group, self.k, self.cfg.dist.bucket_cap_mb)
-        return contextlib.nullcontext()
+        return _after(self._settle) if sync else contextlib.nullcontext()
+
+    def _settle(self) -> None:
+        """After the step's last backward: every gradient in its parameter's layout (a split embedding's
+        comes back whole from torch's backward: its own rows kept, the rest freed), then the
+        data-parallel average."""
+        mesh.match_layouts(self.params)
+        if self.data_group is not None:
+            mesh.average_gradients(self.params, self.data_group, self.k, self.cfg.dist.bucket_cap_mb)
 
     def clip(self, params: list, max_norm: float) -> None:
         mesh.clip_(params, max_norm)

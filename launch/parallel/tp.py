@@ -75,6 +75,8 @@ def plan_for(model: nn.Module, cfg, t: int) -> Plan:
             "set model.tp_plan=pkg.module:fn, a function fn(model, tp_mesh) that splits it with torch's parallelize_module"
         )
     plan = Plan(f"the Hugging Face plan of {name}", entries=_expand(model, patterns))
+    if not plan.entries:
+        raise UserError(f"dist.tp: the tensor-parallel plan of {name} names no module of it ({', '.join(list(patterns)[:3])}, ...); set model.tp_plan=pkg.module:fn")
     for module_name, style in plan.entries.items():
         if style not in STYLES:
             raise UserError(f"dist.tp: {plan.source} gives {module_name} the style '{style}', which launch does not map to torch's parallelize_module; set model.tp_plan=pkg.module:fn to split the model yourself")
@@ -85,18 +87,22 @@ def plan_for(model: nn.Module, cfg, t: int) -> Plan:
 
 
 def model_plan(model: nn.Module) -> dict:
-    """A Hugging Face model's plan with full module-name patterns ({} when it has none)."""
+    """A Hugging Face model's plan with full module-name patterns ({} when it has none): from the
+    outermost module whose plan names modules under it (a wrapper such as peft's PeftModel forwards
+    attribute reads to the model inside, whose plan then names nothing under the wrapper)."""
+    first = {}
     for prefix, m in model.named_modules():
         lead = f"{prefix}." if prefix else ""
-        own = getattr(m, "_tp_plan", None)
-        if own:
-            return {lead + k: v for k, v in own.items()}
+        patterns = {lead + k: v for k, v in (getattr(m, "_tp_plan", None) or {}).items()}
         base = getattr(getattr(m, "config", None), "base_model_tp_plan", None)
-        if base:
+        if not patterns and base:
             inner = getattr(m, "base_model_prefix", "")
             inner = f"{inner}." if inner and isinstance(getattr(m, inner, None), nn.Module) else ""
-            return {lead + inner + k: v for k, v in base.items()}
-    return {}
+            patterns = {lead + inner + k: v for k, v in base.items()}
+        if patterns and _expand(model, patterns):
+            return patterns
+        first = first or patterns
+    return first
 
 
 def _expand(model: nn.Module, patterns: dict) -> dict:
@@ -108,8 +114,6 @@ def _expand(model: nn.Module, patterns: dict) -> dict:
             if name and rx.match(name):
                 out[name] = style
                 break
-    if not out:
-        raise UserError(f"dist.tp: the tensor-parallel plan of {type(model).__name__} names no module of it ({', '.join(list(patterns)[:3])}, ...)")
     return out
 
 
