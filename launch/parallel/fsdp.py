@@ -138,7 +138,10 @@ class Sharded(Replicated):
         osd = copy.deepcopy(ckpt["optimizer"])
         by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+        if osd["state"]:
+            set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+        else:  # a stateless optimizer (SGD without momentum): torch's helper finds no tensor to place and asserts
+            t.optimizer.load_state_dict(osd)
         if t.ema is not None and ckpt.get("ema") is not None:  # a whole EMA cut into this rank's shards
             from torch.distributed.tensor import distribute_tensor
 
