@@ -32,6 +32,19 @@ LLAMA = ["model.name=transformers:LlamaForCausalLM",
 CLIP = ["train.grad_clip=0.3"]  # active at every step here (the gradient norm is above 1): the global norm over both meshes
 
 
+def llama_plan(model, tp_mesh) -> None:
+    """model.tp_plan=tests.test_mesh:llama_plan: Llama's split written by hand with torch's styles, as a
+    user brings one for a model without its own plan."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()), "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(len(model.model.layers)):
+        plan.update({f"model.layers.{i}.{n}": ColwiseParallel() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")})
+        plan.update({f"model.layers.{i}.{n}": RowwiseParallel() for n in ("self_attn.o_proj", "mlp.down_proj")})
+    parallelize_module(model, tp_mesh, plan)
+
+
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -92,15 +105,16 @@ def _rewind(run_dir, step: int) -> None:
 
 
 def test_tensor_parallel_resumes_bitwise_and_continues_on_one_process(llama, tmp_path):
-    """Rerun from the TP run's step-2 checkpoint on the same mesh: bitwise. The same checkpoint continued
-    by one process (dist.tp=1) at the same global batch: the same run within 1e-6 (TP's sums split
-    differently: measured 1.5e-8)."""
+    """Rerun from the TP run's step-2 checkpoint on the same mesh, the same split given by the user's
+    model.tp_plan this time: bitwise. The same checkpoint continued by one process (dist.tp=1) at the
+    same global batch: the same run within 1e-6 (TP's sums split differently: measured 1.5e-8)."""
     base = llama[0]
     shutil.copytree(base / "tp", tmp_path / "again")
     _rewind(tmp_path / "again", 2)
     shutil.copytree(tmp_path / "again", tmp_path / "one")
-    again = spawn(2, tmp_path / "again", *LLAMA, "data.batch_size=16", "dist.tp=2")
+    again = spawn(2, tmp_path / "again", *LLAMA, "data.batch_size=16", "dist.tp=2", "model.tp_plan=tests.test_mesh:llama_plan")
     assert again.returncode == 0 and "resumed from" in again.stdout and "step_00000002.dcp" in again.stdout, output(again)
+    assert "tensor parallel over 2 ranks: model.tp_plan=tests.test_mesh:llama_plan" in again.stdout, output(again)
     ref, rerun = (torch.load(d / "model.pt", weights_only=True) for d in (base / "tp", tmp_path / "again"))
     assert all(torch.equal(ref[k], rerun[k]) for k in ref)
     _, single, out = train_inproc(tmp_path / "one", *LLAMA, "data.batch_size=16")

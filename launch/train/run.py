@@ -179,7 +179,7 @@ def _build(cfg, rt: Runtime, lay):
     elif len(data.train) < global_batch:
         raise UserError(
             f"the training set has {len(data.train)} samples, fewer than one global batch "
-            f"({cfg.data.batch_size} per process x {ranks} data-parallel processes = {global_batch})"
+            f"({cfg.data.batch_size} per process x {ranks} {'processes' if lay.tp == 1 else 'data-parallel groups'} = {global_batch})"
         )
     if not data.eval.stream and len(data.eval) == 0:
         raise UserError("the evaluation set is empty")
