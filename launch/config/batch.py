@@ -26,9 +26,11 @@ def split(global_batch: int, world_size: int, max_micro: int) -> tuple[int, int]
     raise AssertionError("unreachable: accum = share gives micro-batches of 1")
 
 
-def resolve(cfg, world_size: int) -> str:
+def resolve(cfg, world_size: int, tp: int = 1) -> str:
     """With train.global_batch set: put the split into data.batch_size and train.accum_steps (in this
-    process's config; config.yaml records them) and return the line that says so; else ''."""
+    process's config; config.yaml records them) and return the line that says so; else ''.
+    `world_size` counts the data-parallel processes: under dist.tp=T the T ranks of a tensor-parallel
+    group take the same samples, so a global batch is split world / T ways."""
     g = cfg.train.global_batch
     if not g:
         return ""
@@ -37,8 +39,9 @@ def resolve(cfg, world_size: int) -> str:
     micro, accum = split(g, world_size, cfg.data.batch_size)
     cap = cfg.data.batch_size
     cfg.data.batch_size, cfg.train.accum_steps = micro, accum
+    over = f"{world_size} data-parallel group(s) of {tp} (dist.tp={tp})" if tp > 1 else f"{world_size} process(es)"
     return (
-        f"train.global_batch={g} over {world_size} process(es): {micro} per process x {accum} accumulation step(s) "
+        f"train.global_batch={g} over {over}: {micro} per process x {accum} accumulation step(s) "
         f"(data.batch_size={cap} is the largest micro-batch)"
     )
 

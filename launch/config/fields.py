@@ -37,6 +37,8 @@ class ModelConfig:
     """A model that computes its own loss in forward: the keyword it takes the target under ('labels' for Hugging Face, 'targets' for nanoGPT). The launcher passes the target there and uses the returned loss (.loss, ['loss'] or the scalar in a tuple) instead of train.loss. Empty: off."""
     loss_reduction: Literal["mean", "mean_shifted", "sum"] = "mean"
     """With model.loss_arg: what the model's loss is, so it is weighted exactly: 'mean' over the targets other than train.ignore_index (nanoGPT), 'mean_shifted' the same over targets shifted by one inside the model (Hugging Face causal LMs), or 'sum'. Checked on the first batch."""
+    tp_plan: str = ""
+    """dist.tp: how the model is split over the tensor-parallel ranks. Empty: the model's own plan (a Hugging Face model's `_tp_plan` / `config.base_model_tp_plan`, applied with torch's parallelize_module). An import path 'pkg.module:fn': fn(model, tp_mesh) applies your own (called with sequence_parallel=True under dist.sequence_parallel). Ignored at dist.tp=1, so a run may resume there. See docs/sharding.md."""
 
 
 @dataclass
@@ -181,6 +183,12 @@ class DistConfig:
     """fsdp: the dtype gradients are reduce-scattered in."""
     cpu_offload: bool = False
     """fsdp: keep the sharded parameters, gradients and optimizer state in host memory (CUDA only)."""
+    replicate: str = "1"
+    """fsdp: HSDP on a (replicate, shard) mesh: parameters sharded within groups of world / (dist.replicate x dist.tp) ranks, the groups replicas of each other (gradients reduce-scattered inside a group, then all-reduced across groups). 'auto': one replica per node (shard within a node, replicate across nodes); 1: plain FSDP over every data-parallel rank. See docs/sharding.md."""
+    tp: int = 1
+    """Tensor parallel over groups of this many consecutive ranks (keep them inside a node): each layer of the model's plan (model.tp_plan) split over the group, whose ranks see the same samples; the data-parallel world is world / dist.tp. Composes with dist.strategy=fsdp (FSDP x TP: TP inside, FSDP over the data-parallel ranks) and dist.replicate. 1: off."""
+    sequence_parallel: bool = False
+    """dist.tp: also split the activations between the tensor-parallel pairs along the sequence (the norms run on sequence shards; a colwise layer all-gathers the sequence, a rowwise one reduce-scatters it), where the plan allows: a Hugging Face plan that starts at an embedding entry and ends at a gathered output head (Llama's), or your model.tp_plan taking sequence_parallel."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
     timeout_s: float = 30.0

@@ -29,6 +29,8 @@ def validate(cfg) -> None:
 def _model(m) -> None:
     if m.name != "mlp" and ":" not in m.name:
         raise UserError(f"model.name: must be 'mlp' or an import path 'pkg.module:Class', got '{m.name}'")
+    if m.tp_plan and ":" not in m.tp_plan:
+        raise UserError(f"model.tp_plan: must be empty (the model's own plan) or an import path 'pkg.module:fn', got '{m.tp_plan}'")
     for i, w in enumerate(m.hidden):
         _positive(f"model.hidden[{i}]", w)
     for key in ("in_features", "out_features"):
@@ -107,9 +109,10 @@ def _rest(di, c, lg) -> None:
         for key, default in (("param_dtype", "fp32"), ("reduce_dtype", "fp32"), ("cpu_offload", False)):
             if getattr(di, key) != default:
                 raise UserError(f"dist.{key}: applies to dist.strategy=fsdp only (the strategy is {di.strategy})")
-        if c.async_save:
-            raise UserError("ckpt.async_save: applies to sharded checkpoints (dist.strategy=fsdp) only")
+        if c.async_save and di.tp < 2:
+            raise UserError("ckpt.async_save: applies to sharded checkpoints (dist.strategy=fsdp or dist.tp > 1) only")
     _positive("dist.bucket_cap_mb", di.bucket_cap_mb)
+    _mesh(di)
     _positive("ckpt.every_steps", c.every_steps, allow_zero=True)
     _positive("ckpt.every_epochs", c.every_epochs, allow_zero=True)
     if c.keep_last < 1:
@@ -123,6 +126,18 @@ def _rest(di, c, lg) -> None:
             raise UserError(f"log.tracker: unknown tracker '{name}': use tensorboard, {', '.join(TRACKERS)} or an import path 'pkg.module:Class'")
     if lg.profile_steps:
         profile_range(lg.profile_steps)
+
+
+def _mesh(di) -> None:
+    """dist.replicate, dist.tp, dist.sequence_parallel (the world-size checks come at start: launch.parallel.mesh)."""
+    _positive("dist.tp", di.tp)
+    r = di.replicate
+    if r != "auto" and not (r.isdigit() and int(r) >= 1):
+        raise UserError(f"dist.replicate: must be 'auto' or a whole number >= 1 (replicas of the sharded model), got '{r}'")
+    if r != "1" and di.strategy != "fsdp":
+        raise UserError(f"dist.replicate={r}: applies to dist.strategy=fsdp only (HSDP: sharded within a replica, replicated across); the strategy is {di.strategy}")
+    if di.sequence_parallel and di.tp < 2:
+        raise UserError("dist.sequence_parallel: applies with tensor parallelism only (set dist.tp to 2 or more)")
 
 
 def profile_range(text: str) -> tuple[int, int]:

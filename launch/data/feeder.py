@@ -39,17 +39,24 @@ class _BatchSampler:
         return self.count
 
 
-def make_feeder(split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int):
-    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream."""
+def make_feeder(split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int, counted: bool = True):
+    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream.
+    `rank` of `world_size` is the data-parallel share; `counted` False on a rank fed a copy of another
+    rank's share (a tensor-parallel peer, launch.parallel.mesh): its samples are counted there."""
     if split.stream:
         from launch.data.stream import StreamFeeder
 
-        return StreamFeeder(split, cfg, device, rank, world_size, batch_size)
-    return Feeder(split, cfg, device, rank, world_size, batch_size)
+        feeder = StreamFeeder(split, cfg, device, rank, world_size, batch_size)
+    else:
+        feeder = Feeder(split, cfg, device, rank, world_size, batch_size)
+    feeder.counted = counted
+    return feeder
 
 
 class Feeder:
     """Yields this rank's batches on the training device."""
+
+    counted = True  # False: a copy of another rank's share (make_feeder)
 
     def __init__(self, split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int):
         self.device, self.rank, self.world_size, self.batch_size = device, rank, world_size, batch_size
@@ -137,7 +144,7 @@ class Feeder:
         for i in range(n_steps):
             first, last = i * accum, min((i + 1) * accum, n_micro)
             begin, end = first * k * b, min(remaining, last * k * b)
-            mine = rank_share(end, self.rank, k) - rank_share(begin, self.rank, k)
+            mine = rank_share(end, self.rank, k) - rank_share(begin, self.rank, k) if self.counted else 0
             yield Step(batches, last - first, global_samples(remaining, first, last, b, k), start + end, mine, i == n_steps - 1)
         for _ in batches:  # a DataLoader iterator must run to its end, or its workers keep the epoch open
             pass

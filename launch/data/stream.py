@@ -137,6 +137,7 @@ class StreamFeeder:
     """The Feeder interface (launch.data.feeder) for an IterableDataset."""
 
     in_memory = False
+    counted = True  # False: a copy of another rank's share (launch.data.feeder.make_feeder)
 
     def __init__(self, split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int):
         self.dataset, self.cfg, self.device = split.dataset, cfg, device
@@ -166,7 +167,7 @@ class StreamFeeder:
         for packet in data_loader(_Steps(self.dataset, spec), self.cfg, self.rank, self.device):
             self.state = packet["state"]
             batches = iter([(*self._to_device(batch), n) for batch, n in packet["micro"]])
-            yield Step(batches, len(packet["micro"]), packet["global"], packet["position"], packet["mine"], packet["last"])
+            yield Step(batches, len(packet["micro"]), packet["global"], packet["position"], packet["mine"] if self.counted else 0, packet["last"])
 
     def eval_batches(self) -> Iterator[tuple]:
         spec = self._spec(limit=self.cfg.data.eval_max_samples)

@@ -17,7 +17,13 @@ STRATEGIES = {
 }
 
 
+# dist.tp > 1 or dist.replicate != 1: either strategy on a device mesh (HSDP, TP, FSDP x TP; launch.parallel.mesh)
+MESHED = "launch.parallel.meshed:Meshed"
+
+
 def make(cfg, rt, say):
-    name = cfg.dist.strategy
-    module, _, cls = STRATEGIES[name].partition(":")
+    from launch.parallel.mesh import layout
+
+    path = MESHED if layout(cfg, rt.env).meshed else STRATEGIES[cfg.dist.strategy]
+    module, _, cls = path.partition(":")
     return getattr(importlib.import_module(module), cls)(cfg, rt, say)

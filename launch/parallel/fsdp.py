@@ -33,6 +33,7 @@ from launch.parallel.ddp import Replicated
 
 class Sharded(Replicated):
     lockstep_forward = True  # every forward gathers parameters from every rank: evaluation must keep pace
+    shard_mesh = None  # the DeviceMesh to shard over (launch.parallel.meshed: HSDP's 2-D mesh, FSDP x TP's data part); None: every rank
 
     def __init__(self, cfg, rt, say):
         super().__init__(cfg, rt, say)
@@ -66,6 +67,8 @@ class Sharded(Replicated):
         }
         if d.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        if self.shard_mesh is not None:
+            options["mesh"] = self.shard_mesh
         # The loop never modifies a model's output in place (losses are out of place): FSDP's warning
         # about outputs that are views cannot apply, and would print on every rank.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -135,7 +138,10 @@ class Sharded(Replicated):
         osd = copy.deepcopy(ckpt["optimizer"])
         by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+        if osd["state"]:
+            set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
+        else:  # a stateless optimizer (SGD without momentum): torch's helper finds no tensor to place and asserts
+            t.optimizer.load_state_dict(osd)
         if t.ema is not None and ckpt.get("ema") is not None:  # a whole EMA cut into this rank's shards
             from torch.distributed.tensor import distribute_tensor
 

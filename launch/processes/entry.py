@@ -72,6 +72,7 @@ def _say_once(line: str) -> None:
 
 def run_worker(cfg) -> int:
     """Set up, train, tear down. Returns the exit code (the caller exits)."""
+    from launch.parallel.mesh import layout
     from launch.processes import dist as dist_mod, hangs
     from launch.processes.rendezvous import RendezvousError
     from launch.processes.stopping import Stopped, as_launcher_ends_it
@@ -87,6 +88,7 @@ def run_worker(cfg) -> int:
         lifeline.die_with_parent()
     rt = None
     try:
+        layout(cfg, env)  # dist.tp / dist.replicate against the world size: one line before any process group work
         rt = dist_mod.setup(cfg, env)
         result = train(cfg, rt)
         if env.is_main and result:

@@ -25,14 +25,15 @@ def evaluate(model: nn.Module, task: Task, feeder: Feeder, rt: Runtime, cfg, loc
     metrics = task.metrics
     if not metrics.fitted:  # a caller that skipped the start-up check (launch predict): check on one batch
         task.check(model, *feeder.sample_batch())
-    tally = metrics.tally(rt.env.rank, rt.env.world_size)
+    tally = metrics.tally(feeder.rank, feeder.world_size)  # the data-parallel share (launch.parallel.mesh)
+    counted = feeder.counted  # False on a tensor-parallel peer: its group's first rank counts the share
     # loss sum, elements, samples, then the metrics' sums: one all-reduce for all of them
     totals = torch.zeros(3 + tally.width, dtype=torch.float64, device=rt.device)
     seen, wants_view = 0, bool(metrics.active)
     for inputs, target, real in _batches(feeder, rt, lockstep):
         with autocast_context(cfg, rt.device):
             sums, view = task.eval_sums(model, inputs, target, wants_view)
-        if real:
+        if real and counted:
             totals[:2] += sums
             totals[2] += target.shape[0]
             if view is not None:

@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 
 from launch import config as config_mod, parallel
+from launch.parallel import mesh
 from launch.config import batch
 from launch.checkpoint import changes, integrity, rundir, state as state_mod, store
 from launch.checkpoint.state import Trainables, TrainState
@@ -111,15 +112,16 @@ class Run:
 def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     rundir.check_usable(cfg.run_dir)
+    lay = mesh.layout(cfg, rt.env)  # the data-parallel ranks (dist.tp: a group's ranks share their samples)
     if cfg.train.global_batch:  # this world size's split, in a copy: the caller's config stays as given
         cfg = copy.deepcopy(cfg)
-        say(batch.resolve(cfg, rt.env.world_size))
-    data, bare, task, feeds, sample = _build(cfg, rt)
+        say(batch.resolve(cfg, lay.data_size, lay.tp))
+    data, bare, task, feeds, sample = _build(cfg, rt, lay)
     strategy = parallel.make(cfg, rt, say)
     strategy.prepare(bare, task, sample)  # before the optimizer: it may swap layers or shard parameters
     if task.output_note:
         say(task.output_note)
-    randomness.seed_rank(cfg.train.seed, rt.env.rank)  # weights are initialised: from here on each rank draws its own stream
+    randomness.seed_rank(cfg.train.seed, lay.data_rank)  # weights are initialised: from here on each rank draws its own stream (TP peers share one)
     per_epoch = feeds[0].steps_per_epoch(cfg.train.accum_steps)
     graphs, graph_note = graph_step.decide(cfg, rt, feeds[0].in_memory, sum(p.numel() for p in bare.parameters()))
     optimizer = make_optimizer(cfg, bare.parameters(), capturable=graphs and rt.device.type == "cuda")
@@ -129,6 +131,7 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     state = TrainState()
     if resumed_from is not None:
         state = state_mod.restore(ckpt, resumed_from, parts, rt.env.rank, rt.env.world_size, cfg.train.seed, strategy, rt)
+        mesh.restream(ckpt, lay, cfg.train.seed)
         feeds[0].state = state.stream_state
     run = Run(cfg, rt, stop, say, data, task, parts, state, *feeds, Faults.from_env(rt.env.rank, rt.env.restart_count), per_epoch, strategy)
     try:
@@ -164,18 +167,19 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
     module.train()
 
 
-def _build(cfg, rt: Runtime):
-    """Data, model and loss, checked against each other on a real batch. Nothing is written yet."""
-    env = rt.env
+def _build(cfg, rt: Runtime, lay):
+    """Data, model and loss, checked against each other on a real batch; each rank is fed its
+    data-parallel rank's share (`lay`, launch.parallel.mesh). Nothing is written yet."""
     data = build_data(cfg)
-    global_batch = cfg.data.batch_size * env.world_size
+    ranks = lay.data_size
+    global_batch = cfg.data.batch_size * ranks
     if data.train.stream:
         if not cfg.train.max_steps:
             raise UserError(f"data.name '{cfg.data.name}' is a stream (an IterableDataset): set train.max_steps, there is no length to count epochs by")
     elif len(data.train) < global_batch:
         raise UserError(
             f"the training set has {len(data.train)} samples, fewer than one global batch "
-            f"({cfg.data.batch_size} per process x {env.world_size} processes = {global_batch})"
+            f"({cfg.data.batch_size} per process x {ranks} {'processes' if lay.tp == 1 else 'data-parallel groups'} = {global_batch})"
         )
     if not data.eval.stream and len(data.eval) == 0:
         raise UserError("the evaluation set is empty")
@@ -183,8 +187,8 @@ def _build(cfg, rt: Runtime):
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
     task = Task(cfg, bare)
-    train_feed = make_feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
-    eval_feed = make_feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
+    train_feed = make_feeder(data.train, cfg, rt.device, lay.data_rank, ranks, cfg.data.batch_size, counted=not lay.copy)
+    eval_feed = make_feeder(data.eval, cfg, rt.device, lay.data_rank, ranks, cfg.data.eval_batch_size, counted=not lay.copy)
     inputs, target = train_feed.sample_batch()
     task.check(bare, inputs, target)
     task.decide_counts(data.train, target)
@@ -204,13 +208,13 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
     first save will succeed, writes config.yaml and tidies up; then the metrics log opens and every
     rank's table is printed."""
     cfg, rt, say = run.cfg, run.rt, run.say
-    run_dir = cfg.run_dir
+    run_dir, ranks = cfg.run_dir, mesh.layout(cfg, rt.env).data_size  # data-parallel ranks: the checkpoint's world_size
     torn, changed = None, []
     if resumed_from is not None:
         before, torn = _saved_config(run_dir / "config.yaml", resumed_from, ckpt)
         saved = changes.saved_config(ckpt, before)
         was = (ckpt.get("batch_size", 0), ckpt.get("world_size", 0), (saved.get("train") or {}).get("accum_steps", 1))
-        now = (cfg.data.batch_size, rt.env.world_size, cfg.train.accum_steps)
+        now = (cfg.data.batch_size, ranks, cfg.train.accum_steps)
         same_global = was[0] * was[1] * was[2] == now[0] * now[1] * now[2]
         changed, refused = changes.review(saved, cfg.to_dict(), same_global)
         if refused:
@@ -245,11 +249,9 @@ def _open_run_dir(run: Run, resumed_from, ckpt) -> None:
         say(line)
     if resumed:
         say(f"resumed from {resumed_from} (epoch {run.state.epoch}, step {run.state.step})")
-        if ckpt["world_size"] != rt.env.world_size:
-            say(
-                f"note: checkpoint was written with world size {ckpt['world_size']}, resuming with {rt.env.world_size}: "
-                f"epoch {run.state.epoch} continues at sample {run.state.samples_in_epoch} of its permutation"
-            )
+        if ckpt["world_size"] != ranks:
+            say(f"note: checkpoint was written with world size {ckpt['world_size']}, resuming with {ranks}: "
+                f"epoch {run.state.epoch} continues at sample {run.state.samples_in_epoch} of its permutation")
     if rt.env.restart_count:
         say(f"torchrun restart {rt.env.restart_count} (TORCHELASTIC_RESTART_COUNT)")
 

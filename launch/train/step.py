@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from launch.errors import UserError
+from launch.parallel import mesh
 from launch.processes.dist import Runtime, all_reduce_sum
 from launch.train.optim import autocast_context
 from launch.train.task import Task
@@ -82,7 +83,9 @@ class TrainStep:
         self.cfg, self.rt, self.module, self.task = cfg, rt, module, task
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.strategy = strategy  # launch.parallel: how gradients meet across ranks
-        self.k = rt.env.world_size
+        share = mesh.layout(cfg, rt.env)  # dist.tp: a tensor-parallel group computes one rank's loss together
+        self.k = share.data_size  # the ranks whose gradients are averaged
+        self.counted = not share.copy  # a TP peer's losses are its group's first rank's: tallied there
         self.params = [p for p in bare.parameters() if p.requires_grad]
         self.clip = cfg.train.grad_clip
         # A constant schedule without warmup has factor 1 forever: LambdaLR.step() would only cost time.
@@ -118,7 +121,8 @@ class TrainStep:
                     scaled = loss * self.counted_weight
                     counted = counted + count
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            tally.add(loss.detach(), count, static)
+            if self.counted:
+                tally.add(loss.detach(), count, static)
         self.last = (loss.detach(), count)
         self._update(None if static else counted)
 
@@ -142,7 +146,7 @@ class TrainStep:
     def rescale_to_global(self, counted) -> None:
         """Counted elements: gradients of sum x counted_weight become gradients of sum / N, N the
         step's element count summed over ranks (one tiny all-reduce; no host sync)."""
-        n = torch.as_tensor(counted, dtype=torch.float32, device=self.rt.device).clone()
+        n = torch.as_tensor(counted if self.counted else 0, dtype=torch.float32, device=self.rt.device).clone()  # a TP peer's count is its group's
         all_reduce_sum(n, self.rt)
         # Sharded (DTensor) gradients are scaled through their local shards: the factor is one number.
         grads = [getattr(p.grad, "_local_tensor", p.grad) for p in self.params if p.grad is not None]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from launch.commands.bench.meshes import markdown as mesh_markdown, mesh_memory
+
 WIDTH, DEPTH = 1024, 6  # an MLP of 6 hidden layers of 1024: about 6.3M parameters, 25 MB in fp32
 
 
@@ -37,7 +39,8 @@ def _worker(rank: int, k: int, port: int, strategy: str, device: str, out_dir: s
     from launch.models.build import NeuralNetwork
     from launch.processes import dist as dist_mod
 
-    cfg = config.load(None, [f"train.device={device}", f"dist.strategy={strategy}", "log.progress=false"])
+    # find_unused_parameters: DDP wraps without the sample batch that settling its buckets needs (same bytes)
+    cfg = config.load(None, [f"train.device={device}", f"dist.strategy={strategy}", "log.progress=false", "dist.find_unused_parameters=true"])
     rt = dist_mod.setup(cfg, dist_mod.detect()) if k > 1 else dist_mod.setup(cfg, dist_mod.DistEnv("plain"))
     torch.manual_seed(0)
     model = NeuralNetwork(WIDTH, [WIDTH] * DEPTH, 10).to(rt.device)
@@ -93,10 +96,15 @@ def memory_section(devices: list[str], say) -> list[dict]:
             for strategy in ("ddp", "fsdp"):
                 say(f"memory: {strategy} at {k} rank(s) on {device}")
                 rows.append(measure(strategy, k, device))
-    return rows
+    return rows + mesh_memory(devices, say)  # DDP, FSDP, HSDP, TP, FSDP x TP on one Llama model (rows with a 'mesh' key)
 
 
 def markdown(rows: list[dict]) -> list[str]:
+    meshed, rows = [r for r in rows if "mesh" in r], [r for r in rows if "mesh" not in r]
+    return _markdown(rows) + (mesh_markdown(meshed) if meshed else [])
+
+
+def _markdown(rows: list[dict]) -> list[str]:
     lines = ["### Memory per rank: DDP against FSDP (an MLP of 6.3M parameters, AdamW; the rank holding most)", "",
              "| device | ranks | strategy | params + grads + optimizer MB | of DDP's | goal (1/k + one block) | peak RSS MB | CUDA peak MB |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from launch.commands.bench.data import markdown as data_markdown
 from launch.commands.bench.memory import markdown as memory_markdown
+from launch.commands.bench.meshes import steps_markdown
 from launch.commands.bench.workloads import SEEDS, SEEDS_CROSSOVER, mlp_params
 
 
@@ -66,6 +67,8 @@ def markdown(res: dict) -> str:
         lines += data_markdown(res["data"])
     if res.get("memory"):
         lines += memory_markdown(res["memory"])
+    if res.get("meshes"):
+        lines += steps_markdown(res["meshes"])
     return "\n".join(lines)
 
 
