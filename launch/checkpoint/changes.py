@@ -24,6 +24,7 @@ AS_GIVEN = (
     "run.", "ckpt.", "log.", "dist.", "train.epochs", "train.max_steps", "train.device", "train.check_every_steps",
     "train.cuda_graphs", "train.compile", "train.compile_mode", "train.metrics", "data.num_workers", "data.pin_memory",
     "data.eval_batch_size", "data.eval_max_samples", "data.path", "data.val_path",
+    "data.cache_mb", "data.index_dir", "data.accept_corpus_change",
 )
 APPLIED = (
     "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip", "train.ema_decay", "train.ema_warmup_steps",

@@ -40,7 +40,11 @@ class _BatchSampler:
 
 
 def make_feeder(split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int):
-    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream."""
+    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream;
+    a dataset with its own order says so with `make_feeder` (the corpora of launch.data.corpus)."""
+    own = getattr(split.dataset, "make_feeder", None)
+    if callable(own):
+        return own(cfg, device, rank, world_size, batch_size)
     if split.stream:
         from launch.data.stream import StreamFeeder
 

@@ -26,6 +26,7 @@ def evaluate(model: nn.Module, task: Task, feeder: Feeder, rt: Runtime, cfg, loc
     if not metrics.fitted:  # a caller that skipped the start-up check (launch predict): check on one batch
         task.check(model, *feeder.sample_batch())
     tally = metrics.tally(rt.env.rank, rt.env.world_size)
+    tally.place = getattr(feeder, "eval_ids", None)  # a feeder that deals other than r, r+k, ... says where its samples sit
     # loss sum, elements, samples, then the metrics' sums: one all-reduce for all of them
     totals = torch.zeros(3 + tally.width, dtype=torch.float64, device=rt.device)
     seen, wants_view = 0, bool(metrics.active)
