@@ -163,6 +163,17 @@ def test_text_windows_are_the_documents_joined_with_eos(tmp_path):
     assert len(split) == int(split.samples.sum()) and "dropped at unit ends" in said
 
 
+def test_the_jsonl_index_finds_every_block_start_across_read_chunks(tmp_path, monkeypatch):
+    from launch.data.corpus import jsonl
+
+    monkeypatch.setattr(jsonl, "CHUNK", 97)  # line ends fall on every side of a chunk's end
+    p = tmp_path / "x.jsonl"
+    p.write_text("".join(f'{{"a": {i}, "label": {i % 2}}}\n' for i in range(2 * jsonl.BLOCK_LINES + 5)))
+    data = p.read_bytes()
+    want = [0] + [i + 1 for i, c in enumerate(data) if c == 10][jsonl.BLOCK_LINES - 1 :: jsonl.BLOCK_LINES]
+    assert jsonl._line_starts(p, len(data)).tolist() == [w for w in want if w < len(data)] and len(want) == 3
+
+
 def test_the_same_rows_in_parquet_jsonl_and_a_datasets_directory_train_to_the_same_weights(corpus, tmp_path):
     formats = ["pq", "jsonl"] + (["hf"] if importlib_has("datasets") else [])
     weights = {}
@@ -263,10 +274,10 @@ def test_three_ranks_equal_one_process(corpus, one, tmp_path):
 
 
 def test_stopped_at_two_ranks_resumed_at_three_equals_the_uninterrupted_run(corpus, one, tmp_path):
-    """2 ranks with 2 workers each stop mid-epoch 1 (step 30 of 48); 3 ranks with 2 workers each continue
-    at the same global batch: the weights of the uninterrupted run."""
+    """2 ranks stop mid-epoch 1 (step 30 of 48); 3 ranks with 2 DataLoader workers each continue at the
+    same global batch: the weights of the uninterrupted run."""
     _, w1, _, _ = one
-    p = spawn(2, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=6", "data.num_workers=2", LAUNCH_FAULT="stop:step=30")
+    p = spawn(2, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=6", LAUNCH_FAULT="stop:step=30")
     assert p.returncode == 75, output(p)
     p = spawn(3, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=4", "data.num_workers=2")
     assert p.returncode == 0, output(p)

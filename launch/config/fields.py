@@ -104,8 +104,8 @@ class DataConfig:
     unit_rows: int = 0
     """parquet, jsonl, hf: rows per unit of the epoch order (units are shuffled whole; blocks mix them), counted over the files end to end. 0: each row group / record batch / JSONL block of 1024 lines is a unit. The same rows with the same unit_rows give the same order in any format; keep row groups a multiple of it (a row group is decoded whole)."""
     shuffle_window: int = 0
-    """parquet, jsonl, hf: samples per block of the epoch order (rounded down to a whole number of global micro-batches); a micro-batch mixes every unit of its block, and each rank holds about shuffle_window / world_size decoded samples. 0: about 32 units, at most 256 MiB of samples."""
-    cache_mb: int = 512
+    """parquet, jsonl, hf: samples per block of the epoch order (rounded down to a whole number of global micro-batches); a micro-batch mixes every unit of its block, and each rank holds about shuffle_window / world_size decoded samples. 0: about 64 units, at most 256 MiB of samples."""
+    cache_mb: int = 128
     """parquet, jsonl, hf: decoded units and their samples kept per process (an LRU), in MiB: units at block edges are decoded once."""
     index_dir: str = ""
     """parquet, jsonl, hf: where the JSONL line index and text token counts are cached; empty: .launch-index/ beside the data if it may be written, else ~/.cache/launch/corpus-index."""

@@ -66,6 +66,10 @@ def markdown(res: dict) -> str:
         lines += data_markdown(res["data"])
     if res.get("memory"):
         lines += memory_markdown(res["memory"])
+    if res.get("corpus"):
+        from launch.commands.bench.corpus import markdown as corpus_markdown
+
+        lines += corpus_markdown(res["corpus"])
     return "\n".join(lines)
 
 

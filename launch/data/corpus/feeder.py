@@ -114,10 +114,12 @@ class CorpusFeeder:
             ranges, micro = order.plan(block, self.rank, self.k, round0 if block == block0 else 0)
             return self._job((ranges, micro, order.pieces))
 
-        for item in self._items(job, blocks):
+        items = self._items(job, blocks)
+        while (item := next(items, None)) is not None:
             self.decoded_bytes += int(item["decoded"])
             for idx, n in item["micro"]:
                 yield (*self._to_device(*self.split.batch(item["arrays"], idx)), int(n))
+            item = None  # a block's samples go before the next block is laid out: one block held, not two
 
     def epoch_steps(self, seed: int, epoch: int, start: int, accum: int, as_indices: bool = False) -> Iterator[Step]:
         start = self._start(start)

@@ -104,7 +104,7 @@ class EpochOrder:
         return out
 
 
-def auto_window(unit_samples: np.ndarray, sample_bytes: int, micro: int, units: int = 32, most_bytes: int = 256 << 20) -> int:
+def auto_window(unit_samples: np.ndarray, sample_bytes: int, micro: int, units: int = 64, most_bytes: int = 256 << 20) -> int:
     """data.shuffle_window=0: blocks of about `units` average units (so a rank's run of a block spans
     many units and the unit it shares with a neighbour costs little), at most `most_bytes` of samples
     and at least one micro-batch; a function of the corpus and M only."""
