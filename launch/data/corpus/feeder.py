@@ -18,6 +18,7 @@ import itertools
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -40,6 +41,30 @@ class _Jobs(IterableDataset):
         w, workers = (info.id, info.num_workers) if info else (0, 1)
         for job in self.jobs[w::workers]:
             yield self.fn(job)
+
+
+class _BlockJob:
+    """Lays out this rank's part of a training block (a picklable callable: workers may be spawned)."""
+
+    def __init__(self, feeder, order: EpochOrder, block0: int, round0: int):
+        self.feeder, self.order, self.block0, self.round0 = feeder, order, block0, round0
+
+    def __call__(self, block: int) -> dict:
+        ranges, micro = self.order.plan(block, self.feeder.rank, self.feeder.k, self.round0 if block == self.block0 else 0)
+        return self.feeder._job((ranges, micro, self.order.pieces))
+
+
+class _EvalJob:
+    """Lays out evaluation positions [a, z) of the split in batches."""
+
+    def __init__(self, feeder):
+        self.feeder = feeder
+
+    def __call__(self, span: tuple) -> dict:
+        a, z = span
+        b = self.feeder.b
+        micro = [(np.arange(s - a, min(z, s + b) - a), min(b, z - s)) for s in range(a, z, b)]
+        return self.feeder._job(([span], micro, self.feeder.split.canonical_positions))
 
 
 class CorpusFeeder:
@@ -109,12 +134,7 @@ class CorpusFeeder:
     def _micro_batches(self, order: EpochOrder, first: int) -> Iterator[tuple]:
         block0, round0 = divmod(first, order.sigma)
         blocks = list(range(block0, math.ceil(order.micro_steps / order.sigma)))
-
-        def job(block):
-            ranges, micro = order.plan(block, self.rank, self.k, round0 if block == block0 else 0)
-            return self._job((ranges, micro, order.pieces))
-
-        items = self._items(job, blocks)
+        items = self._items(_BlockJob(self, order, block0, round0), blocks)
         while (item := next(items, None)) is not None:
             self.decoded_bytes += int(item["decoded"])
             for idx, n in item["micro"]:
@@ -152,13 +172,7 @@ class CorpusFeeder:
         chunk = max(self.b, (auto_window(self.split.samples, self.split.source.maker.sample_bytes(), self.b, units=8) // self.b) * self.b)
         jobs = [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)]
 
-        def job(span):
-            a, z = span
-            sizes = [min(self.b, z - s) for s in range(a, z, self.b)]
-            micro = [(torch.arange(s - a, s - a + m), m) for s, m in zip(range(a, z, self.b), sizes)]
-            return self._job(([span], [(i.numpy(), m) for i, m in micro], self.split.canonical_positions))
-
-        for item in self._items(job, jobs):
+        for item in self._items(_EvalJob(self), jobs):
             self.decoded_bytes += int(item["decoded"])
             for idx, _ in item["micro"]:
                 yield self._to_device(*self.split.batch(item["arrays"], idx))

@@ -53,7 +53,7 @@ def columns(schema, d, where: str) -> tuple[list[str], str]:
 
 
 def to_matrix(col, where: str, name: str, width=None) -> np.ndarray:
-    """An Arrow column -> float [rows, width]; lists must all have one length."""
+    """An Arrow column -> float32 [rows, width] (what the model gets); lists must all have one length."""
     pa = need("pyarrow", "corpus")
     col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
     n = len(col)
@@ -65,10 +65,10 @@ def to_matrix(col, where: str, name: str, width=None) -> np.ndarray:
             w = int(lengths[0]) if n else (width or 0)
             if n and (lengths != w).any():
                 raise UserError(f"{where}: column '{name}' holds lists of length {w} and {int(lengths[lengths != w][0])}; a column needs one length")
-        values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+        values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
         out = values.reshape(n, w)
     else:
-        out = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(n, 1)
+        out = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, 1)
     if width is not None and out.shape[1] != width:
         raise UserError(f"{where}: column '{name}' holds lists of length {out.shape[1]}, earlier rows {width}")
     return out
@@ -93,8 +93,8 @@ class Tabular:
         if not np.isfinite(x).all():
             raise UserError(f"{where}: column '{_column_of(x, parts, self.features)}' holds a non-finite value")
         if "mean" in self.state:
-            x = (x - np.asarray(self.state["mean"])) / np.asarray(self.state["std"])
-        return {"x": x.astype(np.float32), "y": self._targets(table.column(self.target), where)}
+            x = (x - np.asarray(self.state["mean"], dtype=np.float32)) / np.asarray(self.state["std"], dtype=np.float32)
+        return {"x": x, "y": self._targets(table.column(self.target), where)}
 
     def _targets(self, col, where: str) -> np.ndarray:
         y = self._classes(col, where)
@@ -118,7 +118,8 @@ class Tabular:
 
     @staticmethod
     def batch(arrays: dict, idx) -> tuple:
-        return arrays["x"][idx], arrays["y"][idx]
+        # index_select: x[idx] on a [N, F] tensor takes milliseconds in torch 2.13 (microseconds this way)
+        return arrays["x"].index_select(0, idx), arrays["y"].index_select(0, idx)
 
     def sample_bytes(self) -> int:
         return 4 * (sum(self.widths.get(f, 1) for f in self.features) + 1)

@@ -36,11 +36,17 @@ class Units:
         return self.cache.put(c, arrays, sum(a.nbytes for a in arrays.values()))
 
     def take(self, pieces: list) -> dict:
-        """The samples of [(unit, first, end), ...] laid end to end."""
-        parts = [{k: v[lo:hi] for k, v in self.get(c).items()} for c, lo, hi in pieces]
-        if len(parts) == 1:
-            return {k: v.copy() for k, v in parts[0].items()}
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        """The samples of [(unit, first, end), ...] laid end to end, copied in unit by unit (a unit
+        is dropped once copied, unless the cache keeps it: a block's run is held once, not twice)."""
+        out, at, total = None, 0, sum(hi - lo for _, lo, hi in pieces)
+        for c, lo, hi in pieces:
+            arrays = self.get(c)
+            if out is None:
+                out = {k: np.empty((total, *v.shape[1:]), dtype=v.dtype) for k, v in arrays.items()}
+            for k, v in arrays.items():
+                out[k][at : at + hi - lo] = v[lo:hi]
+            at += hi - lo
+        return out
 
 
 class CorpusSplit(Dataset):

@@ -93,7 +93,7 @@ class Text:
 
     @staticmethod
     def batch(arrays: dict, idx) -> tuple:
-        w = arrays["w"][idx].long()
+        w = arrays["w"].index_select(0, idx).long()
         return w[:, :-1], w[:, 1:]
 
     def sample_bytes(self) -> int:
