@@ -1,11 +1,16 @@
 """Issue 16: streams and scale: an IterableDataset trains in one global order (DDP equals one process),
 resumes bitwise (restored from its state, or replayed), train.max_steps, data.collate for variable-length
-items, the built-in token-file dataset, and an epoch order that costs O(1) per sample."""
+items, the built-in token-file dataset, and an epoch order that costs O(1) per sample. Issues 22 and 24:
+a stream that splits itself across DataLoader workers is read whole (no data lost), and one that can
+split itself by rank (shard(rank, world_size)) is read 1/k per rank with the same exactness."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from launch import config
 from launch.data.feeder import make_feeder
@@ -16,7 +21,7 @@ from launch.observe.logger import read_metrics
 from launch.processes.stopping import Stopped
 from tests.helpers import output
 from tests.test_models import max_diff, spawn, train_inproc
-from tests.user_models import CountingStream
+from tests.user_models import CountingStream, Tokens
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "train.optimizer=sgd", "train.lr=0.5", "log.progress=false", "train.device=cpu"]
 STREAM = [*SEQ, "data.name=tests.user_models:CountingStream", "train.max_steps=1000", "train.epochs=2"]
@@ -51,8 +56,14 @@ def test_every_rank_takes_its_share_of_one_global_order(k, b, accum, workers):
             assert sorted(got) == sorted(firsts) and sum(r[j][3][m][1] for r in ranks) == n
 
 
-def test_a_stream_under_ddp_equals_one_process(tmp_path):
-    one, w1, _ = train_inproc(tmp_path / "one", *STREAM, "data.batch_size=16")
+@pytest.fixture(scope="module")
+def stream_one(tmp_path_factory):
+    """The counting stream in one process at batch 16: the reference for 2 ranks at batch 8."""
+    return train_inproc(tmp_path_factory.mktemp("stream_one"), *STREAM, "data.batch_size=16")
+
+
+def test_a_stream_under_ddp_equals_one_process(stream_one, tmp_path):
+    one, w1, _ = stream_one
     p = spawn(2, tmp_path / "two", *STREAM, "data.batch_size=8")
     assert p.returncode == 0, output(p)
     w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
@@ -127,3 +138,90 @@ def test_token_files_as_nanogpt_writes_them_train_in_windows(tmp_path):
     assert result["eval_samples"] == (20000 - 1) // 16 and result["eval_loss"] < 2.0  # log(13) = 2.56 before learning
     with pytest.raises(UserError, match="data.seq_len: required for data.name=tokens"):
         config.load(None, ["data.name=tokens", "data.path=data/tokens/train.bin"])
+
+
+class DocsSplit(IterableDataset):
+    """PyTorch's IterableDataset docs pattern: in a DataLoader worker, read only that worker's range."""
+
+    def __init__(self, split: str):
+        self.start, self.end, self.base = 0, (256 if split == "train" else 64), (0 if split == "train" else 1000)
+
+    def __iter__(self):
+        lo, hi = self.start, self.end
+        info = get_worker_info()
+        if info is not None:
+            per = math.ceil((hi - lo) / info.num_workers)
+            lo = self.start + info.id * per
+            hi = min(lo + per, self.end)
+        for i in range(lo, hi):
+            j = self.base + i
+            yield torch.tensor([math.sin(j), math.cos(j), (j % 7) / 7.0]), j % 3
+
+
+class HFSplit(IterableDataset):
+    """A Hugging Face IterableDataset of 4 shards (it splits its shards across DataLoader workers), as (x, y)."""
+
+    def __init__(self, split: str):
+        import datasets
+
+        n, base = (256, 0) if split == "train" else (64, 1000)
+        rows = {"x": [[math.sin(base + i), math.cos(base + i), ((base + i) % 7) / 7.0] for i in range(n)], "y": [(base + i) % 3 for i in range(n)]}
+        self.hf = datasets.Dataset.from_dict(rows).to_iterable_dataset(num_shards=4).with_format("torch")
+
+    def __iter__(self):
+        for row in self.hf:
+            yield row["x"].float(), row["y"]
+
+
+@pytest.mark.parametrize("name", ["DocsSplit", "HFSplit"])
+def test_a_stream_that_splits_itself_across_workers_is_read_whole(name, tmp_path):
+    """With data.num_workers=2 each worker used to read half the stream and keep its own steps of that
+    half: 128 of 256 items trained, 32 of 64 evaluated, silently. Now the stream's own code sees no
+    worker: every item, and the same weights as without workers."""
+    base = [f"data.name=tests.test_streams:{name}", "model.hidden=[8]", "model.out_features=3", "data.batch_size=16",
+            "train.max_steps=1000", "train.epochs=2", "train.device=cpu", "log.progress=false"]
+    zero, w0, _ = train_inproc(tmp_path / "w0", *base, "data.num_workers=0")
+    two, w2, _ = train_inproc(tmp_path / "w2", *base, "data.num_workers=2")
+    assert zero["step"] == two["step"] == 2 * 256 // 16
+    assert zero["eval_samples"] == two["eval_samples"] == 64
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)
+
+
+class RankSharded(IterableDataset):
+    """The counting language (as CountingStream) with shard(rank, world_size): round-robin, as the
+    contract says, or `uneven` (the first 2/3 to rank 0: whole files per rank, not the contract). Read
+    whole under a process group of more than one rank it fails: shard() must have been used."""
+
+    def __init__(self, split: str, n: int = 77, rank: int = 0, world_size: int = 1, uneven: bool = False):
+        self.data, self.split, self.n, self.rank, self.k, self.uneven = Tokens(split, n=n), split, n, rank, world_size, uneven
+
+    def shard(self, rank: int, world_size: int):
+        return RankSharded(self.split, self.n, rank, world_size, self.uneven)
+
+    def __iter__(self):
+        n = len(self.data)
+        if self.k == 1:
+            idx = range(n)
+        elif self.uneven:
+            cut = 2 * n // 3
+            idx = range(0, cut) if self.rank == 0 else range(cut, n)
+        else:
+            idx = range(self.rank, n, self.k)
+        whole = self.k == 1 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        for c, i in enumerate(idx):
+            if whole and c >= 8:
+                raise RuntimeError("read the whole stream: shard() was not used")
+            yield self.data[i]
+
+
+def test_a_stream_that_shards_itself_by_rank_reads_its_share_and_equals_one_process(stream_one, tmp_path):
+    """2 ranks, each reading only its round-robin shard (reading the whole stream fails): the weights of
+    one process at batch 16 reading the whole stream. A shard() that is not round-robin is one line."""
+    one, w1, _ = stream_one
+    sharded = [*STREAM, "data.name=tests.test_streams:RankSharded", "data.batch_size=8", "data.num_workers=1"]
+    p = spawn(2, tmp_path / "two", *sharded)
+    assert p.returncode == 0, output(p)
+    assert max_diff(w1, torch.load(tmp_path / "two" / "model.pt", weights_only=True)) <= 1e-6
+    assert read_metrics(tmp_path / "two")[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+    p = spawn(2, tmp_path / "uneven", *sharded, "data.kwargs={uneven: true}")
+    assert p.returncode == 2 and "does not deal the stream round-robin" in p.stderr, output(p)

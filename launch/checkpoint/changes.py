@@ -25,6 +25,7 @@ AS_GIVEN = (
     "train.cuda_graphs", "train.compile", "train.compile_mode", "train.metrics", "data.num_workers", "data.pin_memory",
     "data.eval_batch_size", "data.eval_max_samples", "data.path", "data.val_path",
     "model.tp_plan",  # how the model is split over tensor-parallel ranks, not which model
+    "data.cache_mb", "data.index_dir", "data.accept_corpus_change",
 )
 APPLIED = (
     "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip", "train.ema_decay", "train.ema_warmup_steps",

@@ -44,7 +44,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
+    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), 'parquet', 'jsonl', 'hf' (corpora on disk, read by row group: see docs/data.md), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
     batch_size: int = 32
     """Training batch size PER PROCESS. The global batch is batch_size x world_size (x train.accum_steps)."""
     eval_batch_size: int = 256
@@ -62,7 +62,7 @@ class DataConfig:
     seed: int = 1234
     """Seed for generating or splitting the data (independent of train.seed, identical on every rank)."""
     path: str = ""
-    """File or directory for file-based datasets (csv, npz, mnist, tokens)."""
+    """File or directory for file-based datasets (csv, npz, mnist, tokens); parquet, jsonl, hf: a file, a directory or a glob (hf: a datasets.save_to_disk directory or Arrow files)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs. Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     collate: str = ""
@@ -76,7 +76,7 @@ class DataConfig:
     pin_memory: Literal["auto", "true", "false"] = "auto"
     """'auto' (on with CUDA), 'true' or 'false'; DataLoader path only."""
     target: str = ""
-    """csv: the label column, by name (with data.header) or 0-based index (without); empty: the last column. Integer or string labels; their names are saved with the run."""
+    """csv, parquet, jsonl, hf: the label column, by name (with data.header) or 0-based index (without; csv); empty: the last column. Integer or string labels (corpora: integers are class indices); their names are saved with the run."""
     header: bool = True
     """csv: the first line names the columns. false: no header, columns are addressed by index."""
     ignore: list[str] = field(default_factory=list)
@@ -84,9 +84,9 @@ class DataConfig:
     val_fraction: float = 0.2
     """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
     val_path: str = ""
-    """csv, npz, tokens: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); then all of data.path trains."""
+    """csv, npz, tokens: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); parquet, jsonl, hf: the same kinds as data.path. Then all of data.path trains (corpora without it hold out data.val_fraction of their units, chosen by data.seed)."""
     seq_len: int = 0
-    """tokens: tokens per window (the model's context length); required for data.name=tokens."""
+    """tokens, and text corpora (data.text): tokens per window (the model's context length); required for data.name=tokens and with data.text."""
     stride: int = 0
     """tokens: tokens between window starts (0: data.seq_len, windows side by side; 1: every offset)."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
@@ -97,6 +97,22 @@ class DataConfig:
     """npz: name of the label array (integers or strings, one per sample)."""
     standardize: bool = True
     """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
+    feature_columns: list[str] = field(default_factory=list)
+    """parquet, jsonl, hf: the feature columns (numbers, or lists of numbers: each becomes that many features); empty: every numeric column but data.target. (data.features is the synthetic data's count.)"""
+    text: str = ""
+    """parquet, jsonl, hf: train a language model on this text column: documents tokenized with data.tokenizer, each followed by its EOS, joined and cut into windows of data.seq_len + 1 tokens (the next-token loss over every window token). Empty: tabular rows (data.target, data.feature_columns)."""
+    tokenizer: str = ""
+    """A Hugging Face tokenizer directory (as save_pretrained writes it), loaded from disk only; text corpora (data.text) need one with an EOS token."""
+    unit_rows: int = 0
+    """parquet, jsonl, hf: rows per unit of the epoch order (units are shuffled whole; blocks mix them), counted over the files end to end. 0: each row group / record batch / JSONL block of 1024 lines is a unit. The same rows with the same unit_rows give the same order in any format; keep row groups a multiple of it (a row group is decoded whole)."""
+    shuffle_window: int = 0
+    """parquet, jsonl, hf: samples per block of the epoch order (rounded down to a whole number of global micro-batches); a micro-batch mixes every unit of its block, and each rank holds about shuffle_window / world_size decoded samples. 0: about 64 units, at most 256 MiB of samples."""
+    cache_mb: int = 128
+    """parquet, jsonl, hf: decoded units and their samples kept per process (an LRU), in MiB: units at block edges are decoded once."""
+    index_dir: str = ""
+    """parquet, jsonl, hf: where the JSONL line index and text token counts are cached; empty: .launch-index/ beside the data if it may be written, else ~/.cache/launch/corpus-index."""
+    accept_corpus_change: bool = False
+    """parquet, jsonl, hf: resume although the corpus's files were added, removed or changed since the checkpoint (refused otherwise); the interrupted epoch starts its order afresh on the files as they are."""
     many_classes: bool = False
     """csv, npz: confirm that a numeric target with many distinct values (over 20, under 5 rows per value on average) is class labels; without it a classification loss on such a target stops with a hint to train.loss=mse."""
 

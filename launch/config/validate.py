@@ -53,6 +53,7 @@ def _data(d) -> None:
     _positive("data.stride", d.stride, allow_zero=True)
     if d.name == "tokens" and not d.seq_len:
         raise UserError("data.seq_len: required for data.name=tokens (tokens per window, the model's context length)")
+    _corpus(d)
     if d.name in NEEDS_PATH and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
     if not 0.0 <= d.val_fraction < 1.0:
@@ -62,6 +63,29 @@ def _data(d) -> None:
     for key in ("x_key", "y_key"):
         if not getattr(d, key):
             raise UserError(f"data.{key}: must not be empty")
+
+
+CORPORA = ("parquet", "jsonl", "hf")
+
+
+def _corpus(d) -> None:
+    """parquet, jsonl, hf: their own settings, and none of theirs elsewhere."""
+    for key in ("unit_rows", "shuffle_window", "cache_mb"):
+        _positive(f"data.{key}", getattr(d, key), allow_zero=key != "cache_mb")
+    if d.name not in CORPORA:
+        for key in ("text", "unit_rows", "shuffle_window", "index_dir", "feature_columns"):
+            if getattr(d, key):
+                raise UserError(f"data.{key}: applies to data.name=parquet, jsonl or hf (the data is '{d.name}')")
+        return
+    if d.text:
+        if not d.seq_len:
+            raise UserError("data.seq_len: required with data.text (tokens per window, the model's context length)")
+        if not d.tokenizer:
+            raise UserError("data.tokenizer: required with data.text (a Hugging Face tokenizer directory with an EOS token)")
+        if d.feature_columns:
+            raise UserError("data.feature_columns: a text corpus (data.text) has no feature columns")
+    if not d.val_path and d.val_fraction == 0:
+        raise UserError("data.val_fraction: 0 leaves no evaluation set; give data.val_path or a fraction > 0")
 
 
 def _train(t) -> None:

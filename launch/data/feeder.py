@@ -40,9 +40,15 @@ class _BatchSampler:
 
 
 def make_feeder(split: Split, cfg, device: torch.device, rank: int, world_size: int, batch_size: int, counted: bool = True):
-    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream.
+    """The feeder for this kind of split: tensors and map-style datasets here, streams in launch.data.stream;
+    a dataset with its own order says so with `make_feeder` (the corpora of launch.data.corpus).
     `rank` of `world_size` is the data-parallel share; `counted` False on a rank fed a copy of another
     rank's share (a tensor-parallel peer, launch.parallel.mesh): its samples are counted there."""
+    own = getattr(split.dataset, "make_feeder", None)
+    if callable(own):
+        feeder = own(cfg, device, rank, world_size, batch_size)
+        feeder.counted = counted
+        return feeder
     if split.stream:
         from launch.data.stream import StreamFeeder
 

@@ -15,49 +15,75 @@ The position (items consumed in the epoch) is the resume point. A stream with `s
 any other stream is replayed from the epoch's start and the consumed items skipped.
 
 With data.num_workers=W, worker w builds steps w, w+W, ... (each worker reads the stream and skips
-the other steps' items); the DataLoader hands them over in order.
+the other steps' items); the DataLoader hands them over in order. The stream's own code sees no
+worker (get_worker_info() is None there), so one that splits itself by worker reads it all too.
+
+A stream that can split itself by rank says so with `shard(rank=, world_size=)`, returning the
+stream of items rank, rank + world_size, ... : then each rank reads only its share
+(launch.data.stream_shards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data._utils import worker as _worker
 from torch.utils.data._utils.collate import default_collate
 
 from launch.data.loader import collate_fn, data_loader
 from launch.data.seeding import EVAL_EPOCH
+from launch.data.stream_shards import shard_of, sharded_steps
 from launch.data.types import Split, Step, split_item, tree_map
 from launch.errors import UserError
 from launch.train.randomness import mix, preserved, seed_cpu
 
 
-def _reader(dataset, seed: int, epoch: int, seed_samples: bool, state=None, first: int = 0):
-    """Yields (position, item) from the start of the epoch's pass, or from `state` at position `first`."""
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    if state is not None:
-        dataset.load_state_dict(state)
-    it = iter(dataset)
+@contextlib.contextmanager
+def _one_process():
+    """Inside the stream's own code, get_worker_info() is None: a stream that splits itself across
+    DataLoader workers (PyTorch's IterableDataset docs, Hugging Face's IterableDataset) reads the
+    whole stream in each worker, as with data.num_workers=0, and the steps are dealt to the workers
+    here. Without this, each worker read half and dropped the other workers' steps: half the data lost."""
+    saved = _worker._worker_info
+    _worker._worker_info = None
+    try:
+        yield
+    finally:
+        _worker._worker_info = saved
+
+
+def _reader(dataset, seed: int, epoch: int, seed_samples: bool, state=None, first: int = 0, place=None):
+    """Yields (position, item) from the start of the epoch's pass, or from `state` at position `first`.
+    `place` maps the count of items read to their position in the whole stream (a shard's items)."""
     in_worker = get_worker_info() is not None
-    pos = first
+    with _one_process():
+        if hasattr(dataset, "set_epoch") and epoch >= 0:  # not for evaluation (EVAL_EPOCH): datasets' streams seed with it
+            dataset.set_epoch(epoch)
+        if state is not None:
+            dataset.load_state_dict(state)
+        it = iter(dataset)
+    count = first
     while True:
+        pos = place(count) if place is not None else count
         try:
-            if not seed_samples:
-                item = next(it)
-            elif in_worker:
-                seed_cpu(mix(seed, epoch, pos))
-                item = next(it)
-            else:
-                with preserved():
+            with _one_process():
+                if not seed_samples:
+                    item = next(it)
+                elif in_worker:
                     seed_cpu(mix(seed, epoch, pos))
                     item = next(it)
+                else:
+                    with preserved():
+                        seed_cpu(mix(seed, epoch, pos))
+                        item = next(it)
         except StopIteration:
             return
         yield pos, item
-        pos += 1
+        count += 1
 
 
 class _Steps(IterableDataset):
@@ -120,7 +146,9 @@ class _EvalShare(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         collate = s["collate"] or default_collate
         batch, index, limit = [], 0, s["limit"]
-        for pos, item in _reader(self.dataset, s["seed"], EVAL_EPOCH, s["seed_samples"]):
+        k, rank = s["world_size"], s["rank"]
+        place = (lambda t: rank + k * t) if s.get("sharded") else None  # a shard's items: positions rank, rank + k, ...
+        for pos, item in _reader(self.dataset, s["seed"], EVAL_EPOCH, s["seed_samples"], place=place):
             if limit and pos >= limit:
                 break
             if pos % s["world_size"] == s["rank"]:
@@ -144,6 +172,9 @@ class StreamFeeder:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.where = f"data.name '{cfg.data.name}'"
         self.stateful = callable(getattr(self.dataset, "state_dict", None)) and callable(getattr(self.dataset, "load_state_dict", None))
+        self.part = shard_of(self.dataset, rank, world_size, self.where, cfg.log.debug)  # this rank's shard, if the stream splits itself
+        if self.part is not None:
+            self.stateful = False  # each rank's shard has its own state: replayed instead (launch.data.stream_shards)
         self.state = None  # the stream's state after the last consumed step (stateful streams)
 
     def _spec(self, **extra) -> dict:
@@ -163,6 +194,9 @@ class StreamFeeder:
         return None
 
     def epoch_steps(self, seed: int, epoch: int, start: int, accum: int, as_indices: bool = False) -> Iterator[Step]:
+        if self.part is not None:
+            yield from sharded_steps(self, self.part, self._spec(epoch=epoch, start=start, accum=accum), accum, _reader)
+            return
         spec = self._spec(epoch=epoch, start=start, accum=accum, stateful=self.stateful, state=self.state if start else None)
         for packet in data_loader(_Steps(self.dataset, spec), self.cfg, self.rank, self.device):
             self.state = packet["state"]
@@ -170,8 +204,9 @@ class StreamFeeder:
             yield Step(batches, len(packet["micro"]), packet["global"], packet["position"], packet["mine"] if self.counted else 0, packet["last"])
 
     def eval_batches(self) -> Iterator[tuple]:
-        spec = self._spec(limit=self.cfg.data.eval_max_samples)
-        for batch in data_loader(_EvalShare(self.dataset, spec), self.cfg, self.rank, self.device):
+        spec = self._spec(limit=self.cfg.data.eval_max_samples, sharded=self.part is not None)
+        source = self.dataset if self.part is None else self.part
+        for batch in data_loader(_EvalShare(source, spec), self.cfg, self.rank, self.device):
             yield self._to_device(batch)
 
     def sample_batch(self, size: int = 4):

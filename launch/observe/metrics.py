@@ -141,6 +141,7 @@ class Tally:
         self.slots = metrics.sum_slots()
         self.width = 1 + sum(s.stop - s.start for s in self.slots.values()) if self.slots else 0
         self.kept: dict[str, list] = {}  # name -> [rows, labels or targets, sample ids] per batch
+        self.place = None  # a feeder's own map from this rank's sample count to split indices (launch.data.corpus)
 
     def add(self, view: View, first: int) -> Optional[torch.Tensor]:
         """The batch's sums (float64 [width]) and keep its rows; `first`: this rank's count of samples before it."""
@@ -162,7 +163,7 @@ class Tally:
     def _ids(self, first: int, n: int, per: int, device) -> torch.Tensor:
         """The global sample index of each row: rank r holds samples r, r+k, r+2k, ... (launch.data.order)."""
         local = torch.arange(first, first + n, dtype=torch.long, device=device).repeat_interleave(per)
-        return self.rank + self.k * local
+        return self.place(local) if self.place is not None else self.rank + self.k * local
 
     def _keep(self, name: str, rows: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         specs = [self.m.specs["auroc"]] if name == "auroc" else [self.m.specs["output"], self.m.specs["target"]]

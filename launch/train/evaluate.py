@@ -26,6 +26,7 @@ def evaluate(model: nn.Module, task: Task, feeder: Feeder, rt: Runtime, cfg, loc
     if not metrics.fitted:  # a caller that skipped the start-up check (launch predict): check on one batch
         task.check(model, *feeder.sample_batch())
     tally = metrics.tally(feeder.rank, feeder.world_size)  # the data-parallel share (launch.parallel.mesh)
+    tally.place = getattr(feeder, "eval_ids", None)  # a feeder that deals other than r, r+k, ... says where its samples sit
     counted = feeder.counted  # False on a tensor-parallel peer: its group's first rank counts the share
     # loss sum, elements, samples, then the metrics' sums: one all-reduce for all of them
     totals = torch.zeros(3 + tally.width, dtype=torch.float64, device=rt.device)

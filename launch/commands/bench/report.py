@@ -69,6 +69,10 @@ def markdown(res: dict) -> str:
         lines += memory_markdown(res["memory"])
     if res.get("meshes"):
         lines += steps_markdown(res["meshes"])
+    if res.get("corpus"):
+        from launch.commands.bench.corpus import markdown as corpus_markdown
+
+        lines += corpus_markdown(res["corpus"])
     return "\n".join(lines)
 
 
