@@ -22,9 +22,27 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank: adapters of this rank on model.lora.targets train, the base stays frozen (needs the extra .[peft]). 0: off, every parameter trains (full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: an adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0: none, and runs stay exact against one process)."""
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names (the last part, e.g. [q_proj, v_proj], or a full dotted name) or ['all-linear'] (every linear layer but the output head)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "mlp"
-    """'mlp' (the seeds' NeuralNetwork: Linear-ReLU-...-Linear, logits out) or an import path 'pkg.module:Class'."""
+    """'mlp' (the seeds' NeuralNetwork: Linear-ReLU-...-Linear, logits out) or an import path 'pkg.module:Class'; with model.pretrained a class with from_pretrained, e.g. transformers:AutoModelForCausalLM."""
+    pretrained: str = ""
+    """A local Hugging Face checkpoint directory (config.json and *.safetensors or pytorch_model*.bin): the model is model.name's Class.from_pretrained(DIR, **model.kwargs). Under dist.strategy=fsdp it is built on the meta device and each rank reads only its own shards. Empty: the model is built from model.kwargs."""
+    init_from: str = ""
+    """Start from these weights: a model.pt, a file written by launch export, or a finished run directory (its model.pt). Loaded strictly (a mismatch is one line naming the keys and shapes); a LoRA run's model.pt holds adapters and loads onto the same base. Empty: off."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (model.lora.r, .alpha, .dropout, .targets); see docs/finetune.md."""
     hidden: list[int] = field(default_factory=lambda: [300, 200])
     """Hidden layer widths of the MLP (the seeds use 300*scale, 200*scale)."""
     in_features: Optional[int] = None
@@ -42,7 +60,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
+    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), 'sft' (prompt/response or chat rows for fine-tuning, docs/finetune.md), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
     batch_size: int = 32
     """Training batch size PER PROCESS. The global batch is batch_size x world_size (x train.accum_steps)."""
     eval_batch_size: int = 256
@@ -60,7 +78,7 @@ class DataConfig:
     seed: int = 1234
     """Seed for generating or splitting the data (independent of train.seed, identical on every rank)."""
     path: str = ""
-    """File or directory for file-based datasets (csv, npz, mnist, tokens)."""
+    """File or directory for file-based datasets (csv, npz, mnist, tokens); sft: JSONL, JSON or Parquet files, a glob allowed (e.g. data/*.jsonl)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs. Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     collate: str = ""
@@ -80,9 +98,9 @@ class DataConfig:
     ignore: list[str] = field(default_factory=list)
     """csv: columns to leave out of the features (e.g. an id column), by name or index like data.target."""
     val_fraction: float = 0.2
-    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
+    """csv, npz, sft: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
     val_path: str = ""
-    """csv, npz, tokens: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); then all of data.path trains."""
+    """csv, npz, tokens, sft: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); then all of data.path trains."""
     seq_len: int = 0
     """tokens: tokens per window (the model's context length); required for data.name=tokens."""
     stride: int = 0
@@ -95,6 +113,10 @@ class DataConfig:
     """npz: name of the label array (integers or strings, one per sample)."""
     standardize: bool = True
     """csv, npz: standardise each feature with the training split's mean and std (saved with the run; predict applies the same)."""
+    tokenizer: str = ""
+    """A directory with a Hugging Face tokenizer (tokenizer.json / tokenizer_config.json, AutoTokenizer.from_pretrained). sft: empty means model.pretrained's."""
+    max_length: int = 0
+    """sft: tokens per row at most (prompt and response together); longer rows are cut at the end and counted at start-up. 0: the base model's max_position_embeddings (model.pretrained's config.json), else no limit."""
     many_classes: bool = False
     """csv, npz: confirm that a numeric target with many distinct values (over 20, under 5 rows per value on average) is class labels; without it a classification loss on such a target stops with a hint to train.loss=mse."""
 
