@@ -112,6 +112,8 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     data, bare, task, feeds, sample = _build(cfg, rt)
     strategy = parallel.make(cfg, rt, say)
     strategy.prepare(bare, task, sample)  # before the optimizer: it may swap layers or shard parameters
+    if not task.checked:  # a model built on the meta device exists only now
+        task.check(bare, *sample)
     if task.output_note:
         say(task.output_note)
     randomness.seed_rank(cfg.train.seed, rt.env.rank)  # weights are initialised: from here on each rank draws its own stream
@@ -162,7 +164,10 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
 def _build(cfg, rt: Runtime):
     """Data, model and loss, checked against each other on a real batch. Nothing is written yet."""
     env = rt.env
+    say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     data = build_data(cfg)
+    for line in data.notes:
+        say(line)
     global_batch = cfg.data.batch_size * env.world_size
     if data.train.stream:
         if not cfg.train.max_steps:
@@ -176,12 +181,13 @@ def _build(cfg, rt: Runtime):
         raise UserError("the evaluation set is empty")
     check_trackers(cfg.log.trackers)  # on every rank: a missing package stops them all alike
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
+    bare = build_model(cfg, data.in_features, data.num_classes, rt, say)  # maybe on the meta device: sharded, then read (launch.models.shards)
     task = Task(cfg, bare)
     train_feed = make_feeder(data.train, cfg, rt.device, env.rank, env.world_size, cfg.data.batch_size)
     eval_feed = make_feeder(data.eval, cfg, rt.device, env.rank, env.world_size, cfg.data.eval_batch_size)
     inputs, target = train_feed.sample_batch()
-    task.check(bare, inputs, target)
+    if not any(p.is_meta for p in bare.parameters()):  # else checked once the strategy has loaded it (start)
+        task.check(bare, inputs, target)
     task.decide_counts(data.train, target)
     return data, bare, task, (train_feed, eval_feed), (inputs, target)
 

@@ -73,6 +73,7 @@ class Task:
         self.per_sample = 1  # target elements per sample (static counts)
         self.classes = None  # cross_entropy: the model's number of classes, seen by check()
         self.output_note = ""  # how the model's output was read, said once at start-up
+        self.checked = False  # check() ran on a real batch
 
     # ------------------------------------------------------------------ training
 
@@ -150,6 +151,7 @@ class Task:
 
     def check(self, model: nn.Module, inputs, target) -> None:
         """Refuse a model/loss/data misfit, or a metric that does not fit the task, in one line, before anything is written."""
+        self.checked = True
         was = model.training
         model.eval()  # no dropout: the check draws no random numbers
         try:
