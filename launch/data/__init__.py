@@ -11,6 +11,7 @@ SOURCES = {
     "npz": "launch.data.tabular:build_npz",
     "mnist": "launch.data.mnist:build",  # the IDX files
     "tokens": "launch.data.tokens:build",  # a token file as nanoGPT writes it (memory-mapped)
+    "sft": "launch.data.sft:build",  # prompt/response or chat rows, tokenized with a chat template (fine-tuning)
 }
 
-NEEDS_PATH = {"csv", "npz", "mnist", "tokens"}  # sources that read data.path
+NEEDS_PATH = {"csv", "npz", "mnist", "tokens", "sft"}  # sources that read data.path
