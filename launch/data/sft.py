@@ -76,7 +76,8 @@ class SFTRows(Dataset):
 
 def load_tokenizer(path: str, where: str):
     if not Path(path).is_dir():
-        raise UserError(f"{where}={path}: no such directory (a Hugging Face tokenizer: tokenizer.json, tokenizer_config.json)")
+        what = "a local Hugging Face checkpoint directory" if where == "model.pretrained" else "a directory with a Hugging Face tokenizer: tokenizer.json, tokenizer_config.json"
+        raise UserError(f"{where}={path}: no such directory ({what})")
     try:
         from transformers import AutoTokenizer
     except ImportError:

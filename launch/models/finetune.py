@@ -66,7 +66,7 @@ def adapt(model: nn.Module, cfg, on_meta: bool, say) -> nn.Module:
     elif m.init_from and not m.lora.r:
         say(f"model.init_from: started from {sources[-1]}")
     if sources:
-        frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
+        frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # tied weights under each name
         setattr(model, BASE, Base(" + ".join(sources), "-".join(prints), frozen))
         if frozen:
             _keep_base_out(model, set(frozen))
@@ -106,7 +106,7 @@ def read_init(source: str):
 def load_strict(model: nn.Module, weights: dict, path, frozen_ok: bool = False) -> None:
     """Load, refusing any mismatch in one line that names missing and unexpected keys and shapes."""
     own = model.state_dict()
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if frozen_ok else set()
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad} if frozen_ok else set()
     missing = [k for k in own if k not in weights and k not in frozen]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {list(weights[k].shape)} in the file, {list(own[k].shape)} in the model" for k in weights if k in own and weights[k].shape != own[k].shape]

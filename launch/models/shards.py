@@ -176,12 +176,16 @@ def _status(key: str):
 
 
 def load_note(model: nn.Module, before, how: str) -> str:
-    """One line: the parameter bytes this rank loaded, of the model's, and the load's peak memory growth."""
+    """One line: the parameter bytes this rank holds, of the model's, and how much resident memory the
+    load added at its peak, with every page of the parameters read (from_pretrained maps safetensors
+    files and reads a page only when it is used)."""
     mine = total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        local = getattr(p, "_local_tensor", p)
+        local = getattr(p, "_local_tensor", p).detach()
         mine += local.numel() * local.element_size()
         total += p.numel() * p.element_size()
+        if local.numel() and local.device.type == "cpu" and local.is_contiguous():  # a byte of every page: weights that
+            local.reshape(-1).view(torch.uint8)[::4096].sum()  # from_pretrained maps from the file count once they are read
     peak = _status("VmHWM") if before is not None else None
     grew = f"; peak memory during the load +{(peak - before) / MIB:.1f} MB" if peak is not None else ""
     return f"model.pretrained: {how}: this rank holds {mine / MIB:.1f} MB of the model's {total / MIB:.1f} MB of parameters{grew}"
