@@ -98,23 +98,53 @@ class Encoder:
         self.how = ("its chat template's {% generation %} marks" if self.marked else "its chat template, turn by turn") if self.template else "no chat template: prompt, then response + end of sequence"
 
     def __call__(self, row: dict, at: str) -> tuple[list[int], list[bool]]:
-        if "messages" in row:
-            if not self.template:
-                raise UserError(f"{at}: a 'messages' row needs a tokenizer with a chat template; {self.where} has none (use prompt/response rows, or a tokenizer with one)")
-            return self._chat(row["messages"], at)
-        if self.template:
-            system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-            return self._chat([*system, {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}], at)
-        prompt = self.tok(row["prompt"])["input_ids"]
-        response = self.tok(row["response"], add_special_tokens=False)["input_ids"]
-        if self.tok.eos_token_id is not None:
-            response = [*response, self.tok.eos_token_id]
-        return [*prompt, *response], [False] * len(prompt) + [True] * len(response)
+        return self.many([(row, at)])[0]
 
-    def _chat(self, messages: list[dict], at: str):
+    def many(self, rows: list[tuple[dict, str]], chunk: int = 512) -> list[tuple[list[int], list[bool]]]:
+        """Rows -> (token ids, scored mask), the tokenizer called once per chunk of rows (its Python
+        overhead per call is most of a short row's cost)."""
+        out: list = []
+        for i in range(0, len(rows), chunk):
+            part = rows[i : i + chunk]
+            try:
+                out += self._chunk(part)
+            except UserError:
+                raise
+            except Exception as e:  # the template's own checks (roles that must alternate...): find the row
+                if len(part) > 1:
+                    for one in part:
+                        self._chunk([one])
+                raise UserError(f"{part[-1][1]}: the tokenizer's chat template fails on this row ({' '.join(str(e).split())[:160]})") from None
+        return out
+
+    def _chunk(self, part: list) -> list:
+        if not self.template:
+            return self._plain(part)
         if self.marked:
-            out = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+            enc = self.tok.apply_chat_template([self._messages(r, at) for r, at in part], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            return [(list(ids), [bool(m) for m in mask]) for ids, mask in zip(enc["input_ids"], enc["assistant_masks"])]
+        texts, spans = zip(*(self._turns(self._messages(r, at), at) for r, at in part))
+        enc = self.tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return [(list(ids), [any(a <= s < b for a, b in sp) for s, _ in offsets]) for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)]
+
+    def _messages(self, row: dict, at: str) -> list[dict]:
+        if "messages" in row:
+            return row["messages"]
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        return [*system, {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+    def _plain(self, part: list) -> list:
+        """No template: the prompt's tokens, then the response's and the end of sequence, scored."""
+        for row, at in part:
+            if "messages" in row:
+                raise UserError(f"{at}: a 'messages' row needs a tokenizer with a chat template; {self.where} has none (use prompt/response rows, or a tokenizer with one)")
+        prompts = self.tok([r["prompt"] for r, _ in part])["input_ids"]
+        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        responses = [[*r, *eos] for r in self.tok([r["response"] for r, _ in part], add_special_tokens=False)["input_ids"]]
+        return [([*p, *r], [False] * len(p) + [True] * len(r)) for p, r in zip(prompts, responses)]
+
+    def _turns(self, messages: list[dict], at: str) -> tuple[str, list]:
+        """The rendered conversation and the character span each assistant turn adds to it."""
         render = lambda msgs, gen=False: self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""  # noqa: E731
         text, spans = render(messages), []
         for i, m in enumerate(messages):
@@ -123,8 +153,7 @@ class Encoder:
                 if not (upto.startswith(before) and text.startswith(upto)):
                     raise UserError(f"{at}: the tokenizer's chat template renders a turn differently once later turns follow, so the assistant's tokens cannot be told apart; give it {{% generation %}} marks")
                 spans.append((len(before), len(upto)))
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+        return text, spans
 
 
 def _max_length(cfg, tokenizer) -> int:
@@ -142,8 +171,7 @@ def _max_length(cfg, tokenizer) -> int:
 def encode(encoder: Encoder, rows: list[tuple[dict, str]], max_length: int) -> tuple[list, int, int]:
     """(the rows that keep a scored token, how many were cut to max_length, how many were left out)."""
     kept, cut, dropped = [], 0, 0
-    for row, at in rows:
-        ids, mask = encoder(row, at)
+    for ids, mask in encoder.many(rows):
         if max_length and len(ids) > max_length:
             ids, mask, cut = ids[:max_length], mask[:max_length], cut + 1
         if not any(mask[1:]):
