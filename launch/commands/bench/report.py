@@ -66,6 +66,10 @@ def markdown(res: dict) -> str:
         lines += data_markdown(res["data"])
     if res.get("memory"):
         lines += memory_markdown(res["memory"])
+    if res.get("sft"):
+        from launch.commands.bench.finetune import sft_markdown
+
+        lines += sft_markdown(res["sft"])
     return "\n".join(lines)
 
 
