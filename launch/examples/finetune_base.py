@@ -6,7 +6,7 @@ as safetensors) with its tokenizer beside it (a word-level `tokenizers` vocabula
 PreTrainedTokenizerFast, with a chat template whose assistant turns carry {% generation %} marks),
 and prompt/response rows as JSONL (questions about capitals and opposites).
 
-    python -m launch.examples.finetune_base data/finetune     # -> base/, train.jsonl, val.jsonl, chat.jsonl
+    python -m launch.examples.finetune_base data/finetune     # -> base/, train.jsonl, val.jsonl (8 of its rows), chat.jsonl
     python train_single.py --config configs/lora_sft.yaml
 """
 
@@ -64,8 +64,9 @@ def tokenizer(template: str = "marked"):
 
 
 def make_base(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 0,
-              dtype: str = "float32", tie: bool = False, template: str = "marked", seed: int = 0) -> Path:
-    """Write a Llama-architecture checkpoint directory with its tokenizer; `vocab` > the tokenizer's pads the embedding."""
+              dtype: str = "float32", tie: bool = False, template: str = "marked", seed: int = 0, init: float = 0.02) -> Path:
+    """Write a Llama-architecture checkpoint directory with its tokenizer; `vocab` > the tokenizer's pads the
+    embedding; `init` is the weights' standard deviation (transformers' initializer_range)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def make_base(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4
     tok = tokenizer(template)
     config = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128, tie_word_embeddings=tie,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=init)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out)
@@ -98,7 +99,9 @@ def main(argv=None) -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    make_base(out / "base", hidden=args.hidden, layers=args.layers)
+    # weights of std 0.3, not transformers' 0.02: a random base with a frozen output layer that small caps the
+    # logits near uniform (about +-1.3), and the demo's adapters could not make it answer
+    make_base(out / "base", hidden=args.hidden, layers=args.layers, init=0.3)
     everything = rows()
     write_jsonl(out / "train.jsonl", everything)
     write_jsonl(out / "val.jsonl", everything[:8])
