@@ -65,3 +65,17 @@ def ended(out, name: str, rank: int = 0, attempt: int = 1) -> dict:
 
 def log(out, name: str, rank: int = 0, attempt: int = 1) -> str:
     return Path(out, f"{name}.{rank}" + (f".{attempt}" if attempt > 1 else "") + ".log").read_text()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs use one thread, as the spawned ranks do: on a shared 2-core machine torch's
+    default (a thread per core) spends most of a tiny model's step waiting at OpenMP barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -38,7 +38,8 @@ def ft(tmp_path_factory):
     fb.write_jsonl(root / "val.jsonl", rows[22:29])
     fb.make_base(root / "big", hidden=512, layers=2, heads=8, kv_heads=4, vocab=32768, dtype="bfloat16", tie=True)
     common = [f"model.pretrained={root / 'base'}", *data(root), "train.epochs=2", "train.optimizer=sgd", "train.lr=0.5"]
-    refs = {name: train_inproc(root / name, *common, *extra, "data.batch_size=12") for name, extra in (("one_lora", LORA), ("one_full", FULL))}
+    with jobs.one_thread():
+        refs = {name: train_inproc(root / name, *common, *extra, "data.batch_size=12") for name, extra in (("one_lora", LORA), ("one_full", FULL))}
     two = [*common, "data.batch_size=6", "ckpt.every_steps=2"]
     fsdp = [*two, "dist.strategy=fsdp"]
     big = [f"model.pretrained={root / 'big'}", *data(root), *LORA, "dist.strategy=fsdp", "data.batch_size=2", "train.max_steps=1", "train.optimizer=adamw"]
@@ -199,7 +200,7 @@ def run_inproc(*overrides):
     out = io.StringIO()
     try:
         cfg = config.load(None, list(overrides))
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), jobs.one_thread():
             train(cfg, setup(cfg, DistEnv("plain")))
     except UserError as e:
         assert "\n" not in str(e), str(e)
