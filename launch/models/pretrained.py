@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from launch.errors import UserError
