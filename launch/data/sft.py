@@ -45,7 +45,7 @@ class SFTRows(Dataset):
     def __init__(self, rows: list[tuple[list[int], list[bool]]], pad_id: int):
         lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.tokens = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int64, count=int(lengths.sum()))
+        self.tokens = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int32, count=int(lengths.sum()))  # 4 bytes a token
         self.scored = np.fromiter((m for _, mask in rows for m in mask), dtype=bool, count=int(lengths.sum()))
         self.pad_id = pad_id
 
@@ -54,7 +54,7 @@ class SFTRows(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         a, b = self.offsets[i], self.offsets[i + 1]
-        ids = torch.from_numpy(self.tokens[a:b])
+        ids = torch.from_numpy(self.tokens[a:b]).long()
         target = torch.where(torch.from_numpy(self.scored[a + 1 : b]), ids[1:], IGNORE)
         return {"input_ids": ids[:-1], "target": target}
 

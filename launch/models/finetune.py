@@ -63,8 +63,8 @@ def adapt(model: nn.Module, cfg, on_meta: bool, say) -> nn.Module:
             lora.init_adapters(model, cfg.train.seed)
     if late is not None:
         load_strict(model, *late, frozen_ok=True)
-    elif m.init_from and not m.lora.r:
-        say(f"model.init_from: started from {sources[-1]}")
+    if m.init_from:
+        say(f"model.init_from: started from {late[1] if late else sources[-1]}" + (" (a LoRA run's adapters)" if late else ""))
     if sources:
         frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # tied weights under each name
         setattr(model, BASE, Base(" + ".join(sources), "-".join(prints), frozen))

@@ -100,7 +100,7 @@ def apply(model: nn.Module, lora, debug: bool = False) -> tuple[nn.Module, str]:
         raise UserError(f"model.lora: peft cannot put LoRA on {what}: {text[:240]}") from None
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     note = (f"LoRA r={lora.r} alpha={lora.alpha:g} on {len(chosen)} modules ({how}): {trainable:,} trainable parameters, "
-            f"{total:,} frozen ({100 * trainable / max(total, 1):.2f}%)")
+            f"{100 * trainable / max(total, 1):.2f}% of the base's {total:,}, which stay frozen")
     return wrapped, note
 
 

@@ -179,7 +179,8 @@ class Task:
         if how:
             self.output_note = f"model output: {how}"
         self._check_pair(output, target, f"train.loss={self.name}")
-        if self.kind == "cross_entropy" and output.dim() == 3 and target.dim() == 2 and losses.shifted_by(inputs, target, self.ignore_index, 0):
+        hf_style = isinstance(inputs, dict)  # Hugging Face's model(**batch): 'labels' in its convention are the inputs themselves
+        if hf_style and self.kind == "cross_entropy" and output.dim() == 3 and target.dim() == 2 and losses.shifted_by(inputs, target, self.ignore_index, 0):
             raise UserError(
                 f"train.loss={self.name}: the targets equal the inputs at every counted position (unshifted labels?), so the model would learn to copy "
                 "its input: give target[t] = input[t + 1], or for Hugging Face's labels set model.loss_arg=labels and model.loss_reduction=mean_shifted"

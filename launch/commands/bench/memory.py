@@ -96,9 +96,9 @@ def memory_section(devices: list[str], say) -> list[dict]:
                 say(f"memory: {strategy} at {k} rank(s) on {device}")
                 rows.append(measure(strategy, k, device))
         if importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None:
-            from launch.commands.bench import finetune
+            from launch.commands.bench.finetune import memory_rows
 
-            rows += finetune.memory_rows(device, say)
+            rows += memory_rows(device, say)
     return rows
 
 
@@ -106,9 +106,9 @@ def markdown(rows: list[dict]) -> list[str]:
     tuned = [r for r in rows if r.get("kind") == "finetune"]
     rows = [r for r in rows if r.get("kind") != "finetune"]
     if tuned:
-        from launch.commands.bench import finetune
+        from launch.commands.bench.finetune import markdown as finetune_markdown
 
-        return (_strategies(rows) if rows else []) + finetune.markdown(tuned)
+        return (_strategies(rows) if rows else []) + finetune_markdown(tuned)
     return _strategies(rows)
 
 
