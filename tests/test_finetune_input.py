@@ -285,6 +285,6 @@ def test_the_recipe_runs_as_written_on_the_helpers_base(tmp_path, capsys):
     with one_thread():
         train(cfg, setup(cfg, DistEnv("plain")))
     said = capsys.readouterr().out
-    assert "LoRA r=16 alpha=32 on 14 modules (all-linear, the output layer lm_head left frozen)" in said
+    assert "LoRA r=16 alpha=32 on 14 modules (all-linear, not the output layer lm_head)" in said
     losses = [r["eval_loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0], losses

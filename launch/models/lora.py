@@ -73,7 +73,7 @@ def targets(model: nn.Module, wanted: list[str]) -> tuple[list[str], str]:
         if not chosen:
             raise UserError(f"model.lora.targets=[all-linear]: {type(model).__name__} has no linear layer besides its output layer; name the modules (model.lora.targets)")
         head_name = next((n for n, m in model.named_modules() if m is head), None)
-        return chosen, "all-linear" + (f", the output layer {head_name} left frozen" if head_name else "")
+        return chosen, "all-linear" + (f", not the output layer {head_name}" if head_name else "")
     if "all-linear" in wanted:
         raise UserError("model.lora.targets: 'all-linear' stands alone (no other names beside it)")
     for t in wanted:
@@ -99,8 +99,9 @@ def apply(model: nn.Module, lora, debug: bool = False) -> tuple[nn.Module, str]:
         what = f"{found} ({type(model.get_submodule(found)).__name__})" if found else "the targets"
         raise UserError(f"model.lora: peft cannot put LoRA on {what}: {text[:240]}") from None
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    whole = sorted({n.split(".modules_to_save")[0].removeprefix("base_model.model.") for n, p in wrapped.named_parameters() if p.requires_grad and not is_adapter(n)})
     note = (f"LoRA r={lora.r} alpha={lora.alpha:g} on {len(chosen)} modules ({how}): {trainable:,} trainable parameters, "
-            f"{100 * trainable / max(total, 1):.2f}% of the base's {total:,}, which stay frozen")
+            f"{100 * trainable / max(total, 1):.2f}% of the base's {total:,}, which stay frozen" + (f"; trained whole: {', '.join(whole)}" if whole else ""))
     return wrapped, note
 
 
