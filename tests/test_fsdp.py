@@ -118,6 +118,53 @@ class Payload:
         return (os.system, (f"touch {self.path}",))
 
 
+def test_a_full_checkpoint_of_a_stateless_optimizer_resumes_under_fsdp(runs, tmp_path, monkeypatch):
+    """Issue 22 #2: one process saves a .pt with SGD without momentum (no optimizer state at all) and
+    stops; two FSDP ranks continue it at the same global batch: the uninterrupted one-process run."""
+    from launch.processes.stopping import Stopped
+
+    _, _, w1 = runs
+    monkeypatch.setenv("LAUNCH_FAULT", "stop:step=4")
+    with pytest.raises(Stopped):
+        train_inproc(tmp_path, *GPT, "data.batch_size=48")
+    monkeypatch.delenv("LAUNCH_FAULT")
+    assert store.load(store.checkpoint_dir(tmp_path) / "step_00000004.pt")["optimizer"]["state"] == {}
+    p = spawn(2, tmp_path, *GPT, *FSDP, "data.batch_size=24")
+    assert p.returncode == 0 and "resumed from" in p.stdout and "step_00000004.pt" in p.stdout, output(p)
+    assert "dist.strategy=fsdp: sharded 2 x Block (blocks.0 .. blocks.1), then the root" in p.stdout  # the units, named at start-up
+    assert max_diff(w1, torch.load(tmp_path / "model.pt", weights_only=True)) <= 1e-6
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class SequentialBlocks(torch.nn.Module):
+    """timm's ViT keeps its blocks in an nn.Sequential, not an nn.ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 2)
+        self.blocks = torch.nn.Sequential(*[Block() for _ in range(3)])
+
+
+def test_repeated_blocks_in_an_nn_sequential_are_units_too():
+    """Issue 22 #10: else the whole stack would be one unit and sharding would save little."""
+    from launch.models.build import NeuralNetwork
+    from launch.parallel.blocks import describe
+
+    model = SequentialBlocks()
+    found = blocks(model, [])
+    assert found == list(model.blocks)[::-1] and describe(model, found) == "3 x Block (blocks.0 .. blocks.2)"
+    mlp = NeuralNetwork(8, [16, 16], 2)
+    assert describe(mlp, blocks(mlp, [])) == "3 x Linear (linear_relu_stack.1 .. linear_relu_stack.5)"
+
+
 def test_fsdp_mistakes_are_one_line():
     from launch.examples.sums_lm import TinyGPT
 

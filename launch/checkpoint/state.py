@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from launch.checkpoint import store
+from launch.models import finetune
 from launch.models.build import clean_state_dict
 from launch.processes.dist import Runtime, all_reduce_sum, gather_to_main, save_barrier
 from launch.train import randomness
@@ -74,6 +75,7 @@ def capture(t: Trainables, s: TrainState, cfg, world_size: int, data_state: dict
         "config": cfg.to_dict(),
         "data_state": data_state,
         "torch_version": str(torch.__version__),
+        "base": base.record() if (base := finetune.base_of(t.model)) is not None else None,  # the weights it was fine-tuned from
     }
 
 
@@ -91,7 +93,9 @@ def load_full(ckpt: dict, origin: Path, t: Trainables) -> None:
 
 def restore(ckpt: dict, origin: Path, t: Trainables, rank: int, world_size: int, seed: int, strategy, rt) -> TrainState:
     """Everything a checkpoint holds back into the run: the tensors through the strategy (which
-    knows whether they are whole or sharded, here or in the file), the rest here."""
+    knows whether they are whole or sharded, here or in the file), the rest here. A checkpoint that
+    holds only what trained (LoRA) resumes only onto the base it was trained from."""
+    finetune.check_base(ckpt, t.model, origin)
     strategy.load_state(t, ckpt, origin, rt)
     if ckpt.get("scheduler") is not None:
         t.scheduler.load_state_dict(ckpt["scheduler"])
@@ -143,6 +147,7 @@ def save(t: Trainables, s: TrainState, totals: torch.Tensor, cfg, rt: Runtime, d
     so a resume at any world size can finish the epoch mean; the strategy writes (launch.parallel).
     `lost` (rank 0: the run directory was replaced) rides on the same all-reduce: then nobody writes
     and every rank returns False."""
+    finetune.check_optimizer(t.model, t.optimizer)  # a parameter replaced after the optimizer was built never trains
     totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([float(lost)])]), rt)
     if totals[2] > 0:
         return False

@@ -15,7 +15,8 @@ from launch.errors import UserError, fail
 SUBCOMMANDS = {
     "doctor": ("launch.commands.doctor", "print a pasteable environment report and check it for launch problems"),
     "predict": ("launch.commands.predict", "batched inference or eval-only from a checkpoint"),
-    "export": ("launch.commands.export", "one plain state dict (model.pt's format) from any checkpoint, sharded ones included"),
+    "export": ("launch.commands.export", "one plain state dict (model.pt's format) from any checkpoint, sharded ones included; --adapter / --hf for fine-tuned models"),
+    "generate": ("launch.commands.generate", "continue a prompt with a fine-tuned model (its chat template applied)"),
     "plot": ("launch.commands.plot", "plot loss and accuracy curves of one or more run directories"),
     "bench": ("launch.commands.bench", "benchmark the seeds' MLP sweep, loop overhead, peers (Lightning, Accelerate) and DDP overhead"),
     "slurm": ("launch.commands.slurm", "write or validate SLURM batch scripts"),

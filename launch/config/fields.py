@@ -22,9 +22,27 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank: adapters of this rank on model.lora.targets train, the base stays frozen (needs the extra .[peft]). 0: off, every parameter trains (full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: an adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0: none, and runs stay exact against one process)."""
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names (the last part, e.g. [q_proj, v_proj], or a full dotted name) or ['all-linear'] (every linear layer but the output head)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "mlp"
-    """'mlp' (the seeds' NeuralNetwork: Linear-ReLU-...-Linear, logits out) or an import path 'pkg.module:Class'."""
+    """'mlp' (the seeds' NeuralNetwork: Linear-ReLU-...-Linear, logits out) or an import path 'pkg.module:Class'; with model.pretrained a class with from_pretrained, e.g. transformers:AutoModelForCausalLM."""
+    pretrained: str = ""
+    """A local Hugging Face checkpoint directory (config.json and *.safetensors or pytorch_model*.bin): the model is model.name's Class.from_pretrained(DIR, **model.kwargs). Under dist.strategy=fsdp it is built on the meta device and each rank reads only its own shards. Empty: the model is built from model.kwargs."""
+    init_from: str = ""
+    """Start from these weights: a model.pt, a file written by launch export, or a finished run directory (its model.pt). Loaded strictly (a mismatch is one line naming the keys and shapes); a LoRA run's model.pt holds adapters and loads onto the same base. Empty: off."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (model.lora.r, .alpha, .dropout, .targets); see docs/finetune.md."""
     hidden: list[int] = field(default_factory=lambda: [300, 200])
     """Hidden layer widths of the MLP (the seeds use 300*scale, 200*scale)."""
     in_features: Optional[int] = None
@@ -44,7 +62,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), 'parquet', 'jsonl', 'hf' (corpora on disk, read by row group: see docs/data.md), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
+    """'toy' (the seeds' 5+2 points), 'synthetic', 'csv', 'npz', 'mnist', 'tokens' (a token file as nanoGPT writes it), 'parquet', 'jsonl', 'hf' (corpora on disk, read by row group: see docs/data.md), 'sft' (prompt/response or chat rows for fine-tuning, docs/finetune.md), or an import path 'pkg.module:Class' (a Dataset, or an IterableDataset stream)."""
     batch_size: int = 32
     """Training batch size PER PROCESS. The global batch is batch_size x world_size (x train.accum_steps)."""
     eval_batch_size: int = 256
@@ -62,7 +80,7 @@ class DataConfig:
     seed: int = 1234
     """Seed for generating or splitting the data (independent of train.seed, identical on every rank)."""
     path: str = ""
-    """File or directory for file-based datasets (csv, npz, mnist, tokens); parquet, jsonl, hf: a file, a directory or a glob (hf: a datasets.save_to_disk directory or Arrow files)."""
+    """File or directory for file-based datasets (csv, npz, mnist, tokens); parquet, jsonl, hf: a file, a directory or a glob (hf: a datasets.save_to_disk directory or Arrow files); sft: JSONL, JSON or Parquet files, a glob allowed (e.g. data/*.jsonl)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for an import-path Dataset class (it must also accept split='train'|'eval'); `_target_` entries are built as in model.kwargs. Overridden like model.kwargs: data.kwargs.KEY=VALUE merges, null removes."""
     collate: str = ""
@@ -82,9 +100,9 @@ class DataConfig:
     ignore: list[str] = field(default_factory=list)
     """csv: columns to leave out of the features (e.g. an id column), by name or index like data.target."""
     val_fraction: float = 0.2
-    """csv, npz: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
+    """csv, npz, sft: fraction of the rows held out for evaluation (a seeded split by data.seed) when data.val_path is empty; tokens: the last fraction of the file."""
     val_path: str = ""
-    """csv, npz, tokens: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); parquet, jsonl, hf: the same kinds as data.path. Then all of data.path trains (corpora without it hold out data.val_fraction of their units, chosen by data.seed)."""
+    """csv, npz, tokens, sft: a separate evaluation file (same columns/keys/token type as data.path, e.g. nanoGPT's val.bin); parquet, jsonl, hf: the same kinds as data.path. Then all of data.path trains (corpora without it hold out data.val_fraction of their units, chosen by data.seed)."""
     seq_len: int = 0
     """tokens, and text corpora (data.text): tokens per window (the model's context length); required for data.name=tokens and with data.text."""
     stride: int = 0
@@ -102,7 +120,9 @@ class DataConfig:
     text: str = ""
     """parquet, jsonl, hf: train a language model on this text column: documents tokenized with data.tokenizer, each followed by its EOS, joined and cut into windows of data.seq_len + 1 tokens (the next-token loss over every window token). Empty: tabular rows (data.target, data.feature_columns)."""
     tokenizer: str = ""
-    """A Hugging Face tokenizer directory (as save_pretrained writes it), loaded from disk only; text corpora (data.text) need one with an EOS token."""
+    """A Hugging Face tokenizer directory (as save_pretrained writes it: tokenizer.json / tokenizer_config.json), loaded from disk only. Text corpora (data.text) need one with an EOS token; sft: empty means model.pretrained's."""
+    max_length: int = 0
+    """sft: tokens per row at most (prompt and response together); longer rows are cut at the end and counted at start-up. 0: the base model's max_position_embeddings (model.pretrained's config.json), else no limit."""
     unit_rows: int = 0
     """parquet, jsonl, hf: rows per unit of the epoch order (units are shuffled whole; blocks mix them), counted over the files end to end. 0: each row group / record batch / JSONL block of 1024 lines is a unit. The same rows with the same unit_rows give the same order in any format; keep row groups a multiple of it (a row group is decoded whole)."""
     shuffle_window: int = 0

@@ -101,6 +101,9 @@ def _apply(cfg: Config, items, patch: bool = False) -> None:
         hints = typing.get_type_hints(type(section))
         if name not in hints:
             raise _unknown(key, [f"{section_name}.{n}" for n in hints])
+        if dataclasses.is_dataclass(hints[name]):  # a nested section (model.lora): model.lora.r=8, or a mapping
+            _apply_nested(key, getattr(section, name), nested if dot else "", value)
+            continue
         if dot and not (hints[name] is dict and patch):
             where = "in a file, nest them as YAML" if hints[name] is dict else "only model.kwargs and data.kwargs do"
             raise UserError(f"unknown config key '{key}': {section_name}.{name} takes no dotted sub-keys here ({where})")
@@ -108,6 +111,17 @@ def _apply(cfg: Config, items, patch: bool = False) -> None:
             setattr(section, name, _merge_patch(getattr(section, name), _nest(key, nested.split(".") if dot else [], value)) or {})
         else:
             setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _apply_nested(key: str, sub, name: str, value: Any) -> None:
+    """A nested section's field by its dotted name, or the whole section as a mapping of its fields."""
+    hints = typing.get_type_hints(type(sub))
+    items = [(name, value)] if name else list(_coerce(key, value, dict).items())
+    for field_name, v in items:
+        full = f"{key}.{field_name}" if not name else key
+        if field_name not in hints:
+            raise _unknown(full, [f"{key.rpartition('.' + name)[0] if name else key}.{n}" for n in hints])
+        setattr(sub, field_name, _coerce(full, v, hints[field_name]))
 
 
 def _nest(key: str, parts: list[str], value: Any) -> Any:

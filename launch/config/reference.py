@@ -26,7 +26,13 @@ def _rows():
         cls = section.default_factory
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            yield section.name, f.name, getattr(cls(), f.name), docs.get(f.name, "")
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default):  # a nested section (model.lora): its fields, dotted
+                inner = field_docs(type(default))
+                for g in dataclasses.fields(default):
+                    yield section.name, f"{f.name}.{g.name}", getattr(default, g.name), inner.get(g.name, "")
+            else:
+                yield section.name, f.name, default, docs.get(f.name, "")
 
 
 def reference_markdown() -> str:

@@ -21,7 +21,7 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 def validate(cfg) -> None:
     """Check a whole Config; raise UserError naming the first bad key."""
     _model(cfg.model)
-    _data(cfg.data)
+    _data(cfg.data, cfg.model)
     _train(cfg.train)
     _rest(cfg.dist, cfg.ckpt, cfg.log)
 
@@ -36,9 +36,18 @@ def _model(m) -> None:
     for key in ("in_features", "out_features"):
         if getattr(m, key) is not None:
             _positive(f"model.{key}", getattr(m, key))
+    if m.pretrained and m.name == "mlp":
+        raise UserError("model.pretrained: needs model.name, a class with from_pretrained (e.g. transformers:AutoModelForCausalLM)")
+    lora = m.lora
+    _positive("model.lora.r", lora.r, allow_zero=True)
+    _positive("model.lora.alpha", lora.alpha)
+    if not 0.0 <= lora.dropout < 1.0:
+        raise UserError(f"model.lora.dropout: must be >= 0 and < 1, got {lora.dropout}")
+    if lora.r and not [t for t in lora.targets if t]:
+        raise UserError("model.lora.targets: empty; name the modules that get adapters (e.g. [q_proj, v_proj]) or [all-linear]")
 
 
-def _data(d) -> None:
+def _data(d, model) -> None:
     if d.name not in BUILTIN_DATA and ":" not in d.name:
         raise UserError(f"data.name: must be one of {', '.join(BUILTIN_DATA)} or an import path 'pkg.module:Class', got '{d.name}'")
     for key in ("batch_size", "eval_batch_size", "n_train", "n_eval", "features"):
@@ -54,8 +63,11 @@ def _data(d) -> None:
     if d.name == "tokens" and not d.seq_len:
         raise UserError("data.seq_len: required for data.name=tokens (tokens per window, the model's context length)")
     _corpus(d)
+    _positive("data.max_length", d.max_length, allow_zero=True)
     if d.name in NEEDS_PATH and not d.path:
         raise UserError(f"data.path: required for data.name={d.name} ({'a directory with the MNIST IDX files' if d.name == 'mnist' else 'the data file'})")
+    if d.name == "sft" and not (d.tokenizer or model.pretrained):
+        raise UserError("data.tokenizer: data.name=sft needs a tokenizer directory (data.tokenizer, or model.pretrained, whose tokenizer is the default)")
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be >= 0 and < 1, got {d.val_fraction}")
     if d.name in ("csv", "npz") and d.val_fraction == 0 and not d.val_path:

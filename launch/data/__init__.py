@@ -14,6 +14,7 @@ SOURCES = {
     "parquet": "launch.data.corpus:build_parquet",  # corpora: rows or text, read by row group (launch.data.corpus)
     "jsonl": "launch.data.corpus:build_jsonl",
     "hf": "launch.data.corpus:build_hf",  # a datasets.save_to_disk directory or Arrow files
+    "sft": "launch.data.sft:build",  # prompt/response or chat rows, tokenized with a chat template (fine-tuning)
 }
 
-NEEDS_PATH = {"csv", "npz", "mnist", "tokens", "parquet", "jsonl", "hf"}  # sources that read data.path
+NEEDS_PATH = {"csv", "npz", "mnist", "tokens", "parquet", "jsonl", "hf", "sft"}  # sources that read data.path

@@ -13,9 +13,13 @@ from launch.processes import lifeline
 from launch.user_code import import_object
 
 
-def collate_fn(cfg):
-    """data.collate: a user's function from a list of items to a batch (None: torch's default_collate)."""
-    return import_object(cfg.data.collate, "data.collate", cfg.log.debug) if cfg.data.collate else None
+def collate_fn(cfg, dataset=None):
+    """data.collate: a user's function from a list of items to a batch; else the dataset's own `collate`
+    method, if it has one (padding rows: launch.data.sft); else torch's default_collate (None)."""
+    if cfg.data.collate:
+        return import_object(cfg.data.collate, "data.collate", cfg.log.debug)
+    inner = getattr(dataset, "dataset", dataset)  # under launch.data.seeding's wrappers
+    return getattr(inner, "collate", None)
 
 
 def data_loader(dataset, cfg, rank: int, device: torch.device, batch_sampler=None) -> DataLoader:
@@ -24,7 +28,7 @@ def data_loader(dataset, cfg, rank: int, device: torch.device, batch_sampler=Non
     workers = cfg.data.num_workers
     return DataLoader(
         dataset,
-        **({"batch_sampler": batch_sampler, "collate_fn": collate_fn(cfg)} if batch_sampler is not None else {"batch_size": None}),
+        **({"batch_sampler": batch_sampler, "collate_fn": collate_fn(cfg, dataset)} if batch_sampler is not None else {"batch_size": None}),
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0 and batch_sampler is not None,  # a stream gets a new loader per epoch

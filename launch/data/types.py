@@ -5,7 +5,9 @@ map-style Dataset. A dataset item, and so a batch, is `(inputs, target)` or a di
 - `(inputs, target)`: `inputs` is a tensor (the model gets `model(inputs)`), or a tuple/list of
   tensors (`model(*inputs)`), or a dict of tensors (`model(**inputs)`); `target` is a tensor of
   any shape.
-- a dict: the key "target" is the target, every other key is passed as `model(**rest)`.
+- a dict: the key "target" is the target, every other key is passed as `model(**rest)`. A dict in
+  Hugging Face's style, without "target" but with "labels", has its labels as the target (a model that
+  takes them itself gets them back through model.loss_arg=labels).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 from launch.errors import UserError
 
 TARGET_KEY = "target"
+LABELS_KEY = "labels"  # Hugging Face's name for it
 
 
 @dataclass
@@ -63,6 +66,8 @@ class DataBundle:
     """The output width the data implies: classes for a classifier, 1 for one regression target; None when the dataset does not say."""
     state: dict = field(default_factory=dict)
     """Plain-typed data state saved with checkpoints (class names, standardisation statistics...)."""
+    notes: list = field(default_factory=list)
+    """Lines the start-up says about the data (rows read, rows cut...), printed once by rank 0."""
 
 
 def tree_map(fn, tree):
@@ -79,10 +84,11 @@ def tree_map(fn, tree):
 def split_item(item, where: str):
     """A dataset item or collated batch -> (inputs, target); one line naming the problem otherwise."""
     if isinstance(item, dict):
-        if TARGET_KEY not in item:
-            raise UserError(f"{where}: a dict item needs a '{TARGET_KEY}' key (got keys {', '.join(map(str, item))})")
-        rest = {k: v for k, v in item.items() if k != TARGET_KEY}
-        return rest, item[TARGET_KEY]
+        key = TARGET_KEY if TARGET_KEY in item else LABELS_KEY
+        if key not in item:
+            raise UserError(f"{where}: a dict item needs a '{TARGET_KEY}' key, or Hugging Face's '{LABELS_KEY}' (got keys {', '.join(map(str, item))})")
+        rest = {k: v for k, v in item.items() if k != key}
+        return rest, item[key]
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
     kind = f"a {type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"

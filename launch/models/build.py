@@ -27,9 +27,34 @@ class NeuralNetwork(nn.Module):
         return self.linear_relu_stack(x)
 
 
-def build_model(cfg, in_features: int, num_classes: Optional[int]) -> nn.Module:
+def build_model(cfg, in_features: int, num_classes: Optional[int], rt=None, say=None) -> nn.Module:
     """model.name -> the bare model. `num_classes` is the dataset's output width (classes, or 1
-    for a one-target regression); None when the dataset does not say."""
+    for a one-target regression); None when the dataset does not say. With `rt` (a run) the model is
+    on its device; or on the meta device: a pretrained model that FSDP shards before it reads its
+    weights (launch.models.shards). model.pretrained, model.init_from and model.lora: launch.models.finetune."""
+    m = cfg.model
+    say = say or (lambda msg: None)
+    on_meta = bool(rt is not None and m.pretrained and not m.init_from and cfg.dist.strategy == "fsdp" and rt.env.world_size > 1)
+    if m.pretrained:
+        from launch.models import pretrained
+
+        model = pretrained.build(cfg, on_meta, say)
+    else:
+        model = _plain(cfg, in_features, num_classes)
+    if m.pretrained or m.init_from or m.lora.r:
+        from launch.models import finetune
+
+        model = finetune.adapt(model, cfg, _on_meta(model), say)
+    if rt is not None and not _on_meta(model):
+        model = model.to(rt.device)
+    return model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _plain(cfg, in_features: int, num_classes: Optional[int]) -> nn.Module:
     m = cfg.model
     if m.in_features is not None and m.in_features != in_features:
         raise UserError(f"model.in_features={m.in_features} but the dataset has {in_features} features")

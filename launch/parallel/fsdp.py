@@ -27,7 +27,8 @@ from torch import nn
 from launch.checkpoint import state as state_mod, store
 from launch.errors import UserError
 from launch.models.build import clean_state_dict
-from launch.parallel.blocks import activation_checkpointing, blocks
+from launch.models import lora, shards
+from launch.parallel.blocks import activation_checkpointing, blocks, describe, trainable_groups
 from launch.parallel.ddp import Replicated
 
 
@@ -72,12 +73,31 @@ class Sharded(Replicated):
         # The loop never modifies a model's output in place (losses are out of place): FSDP's warning
         # about outputs that are views cannot apply, and would print on every rank.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for b in blocks(bare, d.fsdp_blocks):
+        units, sharded, adapters = blocks(bare, d.fsdp_blocks), set(), 0
+        named = describe(bare, units)  # before fully_shard renames their classes
+        for b in units:
             if self.cfg.train.activation_checkpointing:
                 activation_checkpointing(b)
+            adapters += self._shard_trainable_apart(b, sharded, fully_shard, options)
             fully_shard(b, **options)
+            sharded.add(id(b))
+        adapters += self._shard_trainable_apart(bare, sharded, fully_shard, options)
         fully_shard(bare, **options)
         self.root = bare
+        apart = f"; in {adapters} of them frozen and trainable parameters mix (LoRA), so their trainable modules are a unit of their own" if adapters else ""
+        self.say(f"dist.strategy=fsdp: sharded {named or 'no blocks'}, then the root{apart}")
+        if shards.pending(bare):  # built on the meta device: storage for this rank's shards only, read from the files
+            self.say(shards.materialize(bare, self.rt.device))
+            lora.init_adapters(bare, self.cfg.train.seed)
+
+    @staticmethod
+    def _shard_trainable_apart(block: nn.Module, sharded: set, fully_shard, options) -> int:
+        """A unit with frozen and trainable parameters: the trainable modules first, as one unit of their own."""
+        group = trainable_groups(block, sharded)
+        if group:
+            fully_shard(group, **options)
+            sharded.update(id(m) for m in group)
+        return int(bool(group))
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module  # fully_shard changed the model in place; there is no wrapper
@@ -134,14 +154,16 @@ class Sharded(Replicated):
         # them: copies, or a second import from the same dict drifts.
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(t.model, copy.deepcopy(clean_state_dict(ckpt["model"])), options=full)
-        names = [n for n, _ in t.model.named_parameters()]
         osd = copy.deepcopy(ckpt["optimizer"])
-        by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        if osd["state"]:
+        if not osd["state"]:  # a stateless optimizer (SGD without momentum): only its settings to take
+            for group, saved in zip(t.optimizer.param_groups, osd["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+        else:  # the file's optimizer indexes its parameters in order, as this optimizer holds them
+            name_of = {id(p): n for n, p in t.model.named_parameters()}
+            names = [name_of[id(p)] for g in t.optimizer.param_groups for p in g["params"]]
+            by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
             set_optimizer_state_dict(t.model, t.optimizer, by_name, options=full)
-        else:  # a stateless optimizer (SGD without momentum): torch's helper finds no tensor to place and asserts
-            t.optimizer.load_state_dict(osd)
         if t.ema is not None and ckpt.get("ema") is not None:  # a whole EMA cut into this rank's shards
             from torch.distributed.tensor import distribute_tensor
 

@@ -108,8 +108,23 @@ class OwnLoss:
                     f"{where}, model.loss_reduction={self.reduction}: on the first batch the loss does not add up over the batch's samples "
                     f"as a {self.reduction} would (targets equal to train.ignore_index={self.ignore} are not counted); {hint}"
                 )
+        self._check_shift(out, loss, inputs, target)
         what = {"mean": "a mean over the targets", "mean_shifted": "a mean over the targets shifted by one", "sum": "a sum"}[self.reduction]
         return f"loss: the model's own ({where}, {what}, weighted by its count of targets)"
+
+    def _check_shift(self, out, loss, inputs, target) -> None:
+        """Targets that are already the inputs shifted by one, given to a model that shifts its labels
+        again (Hugging Face's causal LMs), would train it to predict two tokens ahead, silently."""
+        logits = out.get("logits") if isinstance(out, Mapping) else (out[0] if isinstance(out, (tuple, list)) and out else None)
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == target.shape and not target.is_floating_point()):
+            return
+        if not (model_shifts(logits, target, loss, self.ignore) and shifted_by(inputs, target, self.ignore, 1)):
+            return
+        raise UserError(
+            f"model.loss_arg={self.arg}: the targets are already the inputs shifted by one (target[t] = input[t + 1]) and the model "
+            "shifts its labels again (its loss is logits[:, :-1] against labels[:, 1:]): it would learn to predict two tokens ahead. "
+            "Give it unshifted labels (Hugging Face's convention), or drop model.loss_arg so that train.loss=cross_entropy reads its logits"
+        )
 
     def _adds_up(self, model, inputs, target, reduction: str) -> bool:
         whole = self.sum_and_count(model, inputs, target, reduction)
@@ -117,3 +132,35 @@ class OwnLoss:
         if float(whole[1]) == 0:
             return False
         return adds_up(float(whole[0]), [float(p[0]) for p in pieces if float(p[1]) > 0])
+
+
+def _mean_ce(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> float:
+    import torch.nn.functional as F
+
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=ignore))
+
+
+def model_shifts(logits: torch.Tensor, target: torch.Tensor, loss, ignore: int) -> bool:
+    """The model's loss is the cross-entropy of its logits against the labels shifted by one (and not unshifted)."""
+    if target.shape[1] < 2 or not (target[:, 1:] != ignore).any():
+        return False
+    own = float(loss)
+    shifted = _mean_ce(logits[:, :-1], target[:, 1:], ignore)
+    unshifted = _mean_ce(logits, target, ignore) if (target != ignore).any() else float("nan")
+    close = lambda a: abs(own - a) <= 1e-4 * abs(own) + 1e-5  # noqa: E731
+    return close(shifted) and not close(unshifted)
+
+
+def shifted_by(inputs, target: torch.Tensor, ignore: int, by: int) -> bool:
+    """Some integer input of the target's shape [N, T] equals it moved by `by` positions at every
+    counted target (by=1: target[t] = input[t + 1], labels shifted already; by=0: the inputs themselves)."""
+    found = []
+    tree_map(lambda t: found.append(t) if t.shape == target.shape and not t.is_floating_point() and t.dim() == 2 else None, inputs)
+    counted = target[:, : target.shape[1] - by] != ignore
+    if not counted.any():
+        return False
+    for ids in found:
+        same = target[:, : target.shape[1] - by] == ids[:, by:].to(target.dtype)
+        if bool(same[counted].all()):
+            return True
+    return False

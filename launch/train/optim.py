@@ -9,9 +9,10 @@ import torch
 
 
 def make_optimizer(cfg, params, capturable: bool = False) -> torch.optim.Optimizer:
-    """capturable: AdamW keeps its step counters on the device, so a CUDA graph can hold its update."""
+    """capturable: AdamW keeps its step counters on the device, so a CUDA graph can hold its update.
+    Only parameters that train are the optimizer's: a frozen base (LoRA) gets no state, not even an entry."""
     t = cfg.train
-    params = list(params)
+    params = [p for p in params if p.requires_grad]
     # On CUDA the fused kernels update every tensor in one launch (fewer launches per step
     # for small models); elsewhere torch's default implementation, so CPU results stay bitwise
     # comparable with a hand-written loop.

@@ -20,7 +20,7 @@ from launch.parallel import mesh
 from launch.config import batch
 from launch.checkpoint import changes, integrity, rundir, state as state_mod, store
 from launch.checkpoint.state import Trainables, TrainState
-from launch.data.build import build_data
+from launch.data.build import build_data, check_sizes
 from launch.data.feeder import make_feeder
 from launch.data.types import DataBundle
 from launch.errors import UserError
@@ -119,6 +119,8 @@ def start(cfg, rt: Runtime, stop: StopRequest) -> Run:
     data, bare, task, feeds, sample = _build(cfg, rt, lay)
     strategy = parallel.make(cfg, rt, say)
     strategy.prepare(bare, task, sample)  # before the optimizer: it may swap layers or shard parameters
+    if not task.checked:  # a model built on the meta device exists only now
+        task.check(bare, *sample)
     if task.output_note:
         say(task.output_note)
     randomness.seed_rank(cfg.train.seed, lay.data_rank)  # weights are initialised: from here on each rank draws its own stream (TP peers share one)
@@ -170,27 +172,21 @@ def _finish_setup(run: Run, graphs: bool, graph_note: str) -> None:
 def _build(cfg, rt: Runtime, lay):
     """Data, model and loss, checked against each other on a real batch; each rank is fed its
     data-parallel rank's share (`lay`, launch.parallel.mesh). Nothing is written yet."""
+    say = lambda msg: print0(msg, rt=rt)  # noqa: E731
     data = build_data(cfg)
+    for line in data.notes:
+        say(line)
     ranks = lay.data_size
-    global_batch = cfg.data.batch_size * ranks
-    if data.train.stream:
-        if not cfg.train.max_steps:
-            raise UserError(f"data.name '{cfg.data.name}' is a stream (an IterableDataset): set train.max_steps, there is no length to count epochs by")
-    elif len(data.train) < global_batch:
-        raise UserError(
-            f"the training set has {len(data.train)} samples, fewer than one global batch "
-            f"({cfg.data.batch_size} per process x {ranks} {'processes' if lay.tp == 1 else 'data-parallel groups'} = {global_batch})"
-        )
-    if not data.eval.stream and len(data.eval) == 0:
-        raise UserError("the evaluation set is empty")
+    check_sizes(data, cfg, ranks, "processes" if lay.tp == 1 else "data-parallel groups")
     check_trackers(cfg.log.trackers)  # on every rank: a missing package stops them all alike
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    bare = build_model(cfg, data.in_features, data.num_classes).to(rt.device)
+    bare = build_model(cfg, data.in_features, data.num_classes, rt, say)  # maybe on the meta device: sharded, then read (launch.models.shards)
     task = Task(cfg, bare)
     train_feed = make_feeder(data.train, cfg, rt.device, lay.data_rank, ranks, cfg.data.batch_size, counted=not lay.copy)
     eval_feed = make_feeder(data.eval, cfg, rt.device, lay.data_rank, ranks, cfg.data.eval_batch_size, counted=not lay.copy)
     inputs, target = train_feed.sample_batch()
-    task.check(bare, inputs, target)
+    if not any(p.is_meta for p in bare.parameters()):  # else checked once the strategy has loaded it (start)
+        task.check(bare, inputs, target)
     task.decide_counts(data.train, target)
     return data, bare, task, (train_feed, eval_feed), (inputs, target)
 

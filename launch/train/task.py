@@ -73,6 +73,7 @@ class Task:
         self.per_sample = 1  # target elements per sample (static counts)
         self.classes = None  # cross_entropy: the model's number of classes, seen by check()
         self.output_note = ""  # how the model's output was read, said once at start-up
+        self.checked = False  # check() ran on a real batch
 
     # ------------------------------------------------------------------ training
 
@@ -150,6 +151,7 @@ class Task:
 
     def check(self, model: nn.Module, inputs, target) -> None:
         """Refuse a model/loss/data misfit, or a metric that does not fit the task, in one line, before anything is written."""
+        self.checked = True
         was = model.training
         model.eval()  # no dropout: the check draws no random numbers
         try:
@@ -177,6 +179,12 @@ class Task:
         if how:
             self.output_note = f"model output: {how}"
         self._check_pair(output, target, f"train.loss={self.name}")
+        hf_style = isinstance(inputs, dict)  # Hugging Face's model(**batch): 'labels' in its convention are the inputs themselves
+        if hf_style and self.kind == "cross_entropy" and output.dim() == 3 and target.dim() == 2 and losses.shifted_by(inputs, target, self.ignore_index, 0):
+            raise UserError(
+                f"train.loss={self.name}: the targets equal the inputs at every counted position (unshifted labels?), so the model would learn to copy "
+                "its input: give target[t] = input[t + 1], or for Hugging Face's labels set model.loss_arg=labels and model.loss_reduction=mean_shifted"
+            )
         return raw
 
     def _fit_metrics(self, model: nn.Module, inputs, target, raw) -> None:

@@ -29,7 +29,7 @@ from launch.commands.bench.report import markdown, plot
 from launch.commands.bench.sections import big_batch, crossover, ddp_world1, ddp_world2_cpu, overhead, sweep
 from launch.commands.bench.workloads import SEED_SCALES, SWEEP_CONFIG, mlp_params
 
-SECTIONS = ("sweep", "big", "overhead", "peers", "ddp", "data", "memory", "meshes", "corpus")
+SECTIONS = ("sweep", "big", "overhead", "peers", "ddp", "data", "memory", "meshes", "corpus", "sft")
 
 
 def _ints(text: str) -> list[int]:
@@ -51,7 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke test in well under a minute: tiny scales, 1-2 epochs, 2 repetitions; numbers are not meaningful")
     p.add_argument("--scales", type=_ints, help=f"sweep scales (default: the seeds' nine, {','.join(map(str, SEED_SCALES))}; trimmed by --budget-s on the CPU)")
     p.add_argument("--devices", help="comma-separated devices (default: cpu plus cuda or mps when present)")
-    p.add_argument("--sections", type=_sections, default=None, help=f"any of {','.join(SECTIONS)} (default: all, and with --quick all but memory and corpus); meshes times TP and HSDP against DDP and FSDP on CUDA (2+ GPUs); peers times PyTorch Lightning and Hugging Face Accelerate where installed")
+    p.add_argument("--sections", type=_sections, default=None, help=f"any of {','.join(SECTIONS)} (default: all, and with --quick all but memory, corpus and sft); meshes times TP and HSDP against DDP and FSDP on CUDA (2+ GPUs); peers times PyTorch Lightning and Hugging Face Accelerate where installed")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each overhead/DDP measurement after one warm-up (default 5; the sweep uses min(3, reps))")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10, the seeds')")
     p.add_argument("--budget-s", type=float, default=300.0, help="time budget of the CPU sweep in seconds (default 300)")
@@ -80,7 +80,7 @@ def _run(args) -> int:
         raise UserError(f"--config {args.config}: not found (the seeds' workload is configs/scale_sweep.yaml in the source tree)")
     accel = "cuda" if torch.cuda.is_available() else ("mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else None)
     devices = args.devices.split(",") if args.devices else ["cpu"] + ([accel] if accel else [])
-    sections = set(args.sections or [s for s in SECTIONS if not (args.quick and s in ("memory", "corpus"))])
+    sections = set(args.sections or [s for s in SECTIONS if not (args.quick and s in ("memory", "corpus", "sft"))])
     if args.quick:
         scales, over_scales, epochs, reps, sweep_reps = args.scales or [1, 2], args.overhead_scales or [1], 2, 2, 2
     else:
@@ -122,6 +122,10 @@ def _run(args) -> int:
         from launch.commands.bench.corpus import corpus_section
 
         res["corpus"] = corpus_section(args.quick, say)
+    if "sft" in sections:  # the fine-tuning data path: tokenization against the training step
+        from launch.commands.bench.finetune import tokenization
+
+        res["sft"] = tokenization(say)
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (out_dir / "bench.md").write_text(md + "\n")

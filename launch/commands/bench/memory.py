@@ -9,6 +9,7 @@ parameters + gradients + optimizer state per rank <= 1/k of DDP's plus one block
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -86,6 +87,7 @@ def measure(strategy: str, k: int, device: str) -> dict:
 
 
 def memory_section(devices: list[str], say) -> list[dict]:
+    """DDP against FSDP on the MLP; then fine-tuning (launch.commands.bench.finetune), where transformers and peft are installed."""
     rows = []
     for device in devices:
         if device not in ("cpu", "cuda"):
@@ -96,15 +98,26 @@ def memory_section(devices: list[str], say) -> list[dict]:
             for strategy in ("ddp", "fsdp"):
                 say(f"memory: {strategy} at {k} rank(s) on {device}")
                 rows.append(measure(strategy, k, device))
+        if importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None:
+            from launch.commands.bench.finetune import memory_rows
+
+            rows += memory_rows(device, say)
     return rows + mesh_memory(devices, say)  # DDP, FSDP, HSDP, TP, FSDP x TP on one Llama model (rows with a 'mesh' key)
 
 
 def markdown(rows: list[dict]) -> list[str]:
-    meshed, rows = [r for r in rows if "mesh" in r], [r for r in rows if "mesh" not in r]
-    return _markdown(rows) + (mesh_markdown(meshed) if meshed else [])
+    meshed = [r for r in rows if "mesh" in r]
+    tuned = [r for r in rows if r.get("kind") == "finetune"]
+    rows = [r for r in rows if "mesh" not in r and r.get("kind") != "finetune"]
+    lines = _strategies(rows) if rows else []
+    if tuned:
+        from launch.commands.bench.finetune import markdown as finetune_markdown
+
+        lines += finetune_markdown(tuned)
+    return lines + (mesh_markdown(meshed) if meshed else [])
 
 
-def _markdown(rows: list[dict]) -> list[str]:
+def _strategies(rows: list[dict]) -> list[str]:
     lines = ["### Memory per rank: DDP against FSDP (an MLP of 6.3M parameters, AdamW; the rank holding most)", "",
              "| device | ranks | strategy | params + grads + optimizer MB | of DDP's | goal (1/k + one block) | peak RSS MB | CUDA peak MB |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]

@@ -73,6 +73,10 @@ def markdown(res: dict) -> str:
         from launch.commands.bench.corpus import markdown as corpus_markdown
 
         lines += corpus_markdown(res["corpus"])
+    if res.get("sft"):
+        from launch.commands.bench.finetune import sft_markdown
+
+        lines += sft_markdown(res["sft"])
     return "\n".join(lines)
 
 
