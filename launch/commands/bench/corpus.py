@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.commands.bench import corpus_probes as probes
+import launch.commands.bench.corpus_probes as probes
 
 WIDTH, ROW_GROUP, SHARDS, GLOBAL_BATCH = 48, 16384, 64, 240
 ROOT = Path(__file__).resolve().parents[3]
