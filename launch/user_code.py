@@ -89,7 +89,8 @@ def _looked_in() -> str:
 
 
 # Packages the launcher's optional extras install (pyproject.toml [project.optional-dependencies]; a test
-# holds the two together): import name -> (extra, what pip installs). A missing one names its extra.
+# holds the two together): import name -> (extra, what pip installs). A missing one names its extra
+# (transformers is in corpus and peft too, for their tokenizers and models: its own extra is hf).
 OPTIONAL = {
     "transformers": ("hf", "transformers"),
     "matplotlib": ("plot", "matplotlib"),
@@ -100,6 +101,9 @@ OPTIONAL = {
     "alembic": ("mlflow", "alembic"),
     "lightning": ("bench", "lightning"),
     "accelerate": ("bench", "accelerate"),
+    "pyarrow": ("corpus", "pyarrow"),
+    "datasets": ("corpus", "datasets"),
+    "peft": ("peft", "peft"),
 }
 
 

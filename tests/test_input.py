@@ -365,8 +365,10 @@ def test_the_extras_table_matches_pyproject():
     from launch.user_code import OPTIONAL
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    listed = {re.split(r"[<>=!~ \[;]", req)[0].lower(): extra for extra, reqs in extras.items() if extra != "test" for req in reqs}
-    assert {package: extra for extra, package in OPTIONAL.values()} == listed
+    listed = {extra: {re.split(r"[<>=!~ \[;]", req)[0].lower() for req in reqs} for extra, reqs in extras.items() if extra != "test"}
+    for extra, package in OPTIONAL.values():  # each hint names an extra that installs the package
+        assert package in listed[extra], (package, extra)
+    assert set().union(*listed.values()) == {package for _, package in OPTIONAL.values()}  # and every extra's package has a hint
 
 
 def test_class_method_import_paths_and_their_one_lines():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from launch.errors import UserError
 from launch.observe.logger import read_metrics
 from launch.processes.dist import DistEnv, setup
 from launch.train.loop import train
-from tests.helpers import PY, output, run, torchrun
+from tests.helpers import PY, ROOT, SMALL, output, run, single, spawn, torchrun
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.optimizer=adamw", "train.lr=0.01", "log.progress=false", "train.device=cpu"]
 REG = ["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.loss=mse", "train.lr=0.05", "log.progress=false", "train.device=cpu"]
@@ -133,3 +134,59 @@ def test_predict_plot_and_eval_follow_the_task(tmp_path):
         from launch.commands.plot import plot_runs
 
         assert plot_runs([str(tmp_path / "reg")], tmp_path / "reg.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- a LightningModule (issue 22 #7)
+STANDIN = ROOT / "tests" / "fixtures" / "lightning_standin"
+LIT = ["model.name=tests.user_models:LitClassifier", "train.epochs=2"]
+
+
+def _lightning_env(which: str) -> dict:
+    if which == "lightning":
+        pytest.importorskip("lightning", reason="lightning is not installed (optional: pip install -e '.[bench]'); the stand-in variant runs")
+        return {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # where it was found
+    return {"PYTHONPATH": f"{STANDIN}{os.pathsep}{ROOT}"}  # before the real package, where that is installed
+
+
+@pytest.mark.parametrize("which", ["stand-in", "lightning"])
+def test_a_lightning_module_trains_through_its_training_step_and_ddp_equals_one_process(tmp_path, which):
+    """training_step is the loss (label-smoothed here, so not train.loss's), self.log is dropped, the
+    one line says configure_optimizers is not used; --nproc 2 equals one process; eval_loss is the
+    step's loss over the evaluation split, recomputed here from model.pt."""
+    extra = _lightning_env(which)
+    one = single(tmp_path / "one", *LIT, **extra)
+    assert one.returncode == 0, output(one)
+    assert "loss: LitClassifier.training_step" in one.stdout and "not used: configure_optimizers" in one.stdout, output(one)
+    two = spawn(2, tmp_path / "two", *LIT, "data.batch_size=8", **extra)
+    assert two.returncode == 0, output(two)
+    w1, w2 = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))
+    assert max_diff(w1, w2) <= 1e-6
+
+    from launch.data.build import build_data
+    from tests.user_models import LitClassifier  # the same weights under nn.Module when no lightning is importable here
+
+    cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'x'}"])
+    data = build_data(cfg)
+    model = LitClassifier()
+    model.load_state_dict(w1)
+    model.eval()
+    x, y = data.eval.x, data.eval.y
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2).item()
+        plain = torch.nn.functional.cross_entropy(model(x), y).item()
+    rec = read_metrics(tmp_path / "one")[-1]
+    assert rec["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(plain - expected) > 1e-3  # the step's loss is told apart from train.loss's
+
+
+def test_a_lightning_step_returning_a_sum_is_one_line(tmp_path):
+    p = single(tmp_path, "model.name=tests.user_models:LitSumLoss", "train.epochs=1", **_lightning_env("stand-in"))
+    assert p.returncode != 0
+    assert "LitSumLoss.training_step must return the mean" in p.stderr and "Traceback" not in p.stderr, output(p)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_a_loss_module_attribute_is_not_taken_for_a_loss_method(tmp_path):
+    """`self.loss = nn.CrossEntropyLoss()` is the model's criterion, not loss(batch): train.loss through forward."""
+    result, _ = train_inproc(tmp_path, *SMALL, "model.name=tests.user_models:LossModule", "train.epochs=1")
+    assert result["eval_samples"] == 100 and "eval_accuracy" in result

@@ -164,3 +164,56 @@ class CountingStream(IterableDataset):
     def __iter__(self):
         for i in range(len(self.data)):
             yield self.data[i]
+
+
+# ---------------------------------------------------------------- LightningModules (issue 22 #7)
+# `lightning` is the real package where installed, else tests/fixtures/lightning_standin on PYTHONPATH.
+try:
+    from lightning.pytorch import LightningModule as _LitBase
+except ImportError:  # neither on the path: this module was imported for its other models
+    _LitBase = nn.Module
+
+
+class LitClassifier(_LitBase):
+    """A LightningModule as users write one: training_step returns the batch's mean loss (label-smoothed,
+    so it is not train.loss's plain cross-entropy) and logs it; configure_optimizers asks for Adam at
+    lr=0.5 (not used: the launcher's optimizer trains it)."""
+
+    def __init__(self, in_features: int = 16, num_classes: int = 2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, 32), nn.ReLU(), nn.Linear(32, num_classes))
+        self.loss = nn.CrossEntropyLoss(label_smoothing=0.2)  # a loss module named `loss`: not a loss(batch) method
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train_loss", loss)
+        return {"loss": loss}
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.Adam(self.parameters(), lr=0.5)
+
+
+class LitSumLoss(LitClassifier):
+    """training_step returning a sum over the batch, where Lightning means a mean: refused on the first batch."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y, reduction="sum")
+
+
+class LossModule(nn.Module):
+    """A model holding its criterion as `self.loss` (a module): trained with train.loss through forward."""
+
+    def __init__(self, in_features: int = 16, num_classes: int = 2):
+        super().__init__()
+        self.lin = nn.Linear(in_features, num_classes)
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.lin(x)

@@ -147,7 +147,7 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0: train.epochs decide). Required for a stream (an IterableDataset without a length)."""
     loss: str = "cross_entropy"
-    """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead."""
+    """'cross_entropy' (logits [N, C] or sequences [N, T, C] / [N, C, T] with integer targets; ignore_index -100), 'mse', 'l1', 'bce_with_logits', or an import path 'pkg.module:fn' to fn(output, target) -> per-element losses. A model with a loss(batch) method uses that instead, and a Lightning LightningModule its training_step (a mean over the batch's samples)."""
 
     ignore_index: int = -100
     """Targets with this value are not counted by cross_entropy and model losses (-100 for PyTorch and Hugging Face; nanoGPT uses -1)."""

@@ -16,6 +16,8 @@ samples' losses happen to be equal), and the line says which declaration would f
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Mapping
 
 import torch
@@ -38,16 +40,37 @@ def adds_up(whole: float, pieces: list[float]) -> bool:
     return abs(whole - sum(pieces)) <= 1e-4 * scale
 
 
-def check_method_sums(model, inputs, target, debug: bool) -> None:
-    """model.loss(batch) must return (sum, count), additive over a split of the batch."""
-    out = call("model.loss(batch)", model.loss, (inputs, target), debug=debug)
+def own_method(model):
+    """`loss(model, batch) -> (sum, count)` calling the model's loss(batch) method; None when its class
+    defines none (an attribute `loss` that is a module, e.g. nn.CrossEntropyLoss(), is not one)."""
+    if not inspect.isfunction(getattr(type(model), "loss", None)):
+        return None
+
+    def loss(m, batch):
+        return m.loss(batch)
+
+    loss.label = "model.loss(batch)"
+    return loss
+
+
+def check_method_sums(method, model, inputs, target, debug: bool) -> None:
+    """The model's own loss (`method(model, batch)`: a loss(batch) method, a LightningModule's
+    training_step) must return (sum, count), additive over a split of the batch."""
+    what = method.label
+    out = call(what, method, model, (inputs, target), debug=debug)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise UserError(f"model.loss(batch) must return (loss_sum, count), got {type(out).__name__}")
+        raise UserError(f"{what} must return (loss_sum, count), got {type(out).__name__}")
     if target.shape[0] < 2:
         return
-    each = [call("model.loss(batch)", model.loss, p, debug=debug) for p in parts(inputs, target)]
+    each = [call(what, method, model, p, debug=debug) for p in parts(inputs, target)]
     whole, pieces = float(out[0]), [float(e[0]) for e in each]
     if not adds_up(whole, pieces) or float(out[1]) != sum(float(e[1]) for e in each):
+        if what != "model.loss(batch)":  # a training_step's mean, scaled by the batch's samples
+            raise UserError(
+                f"{what} must return the mean of its batch's per-sample losses (the launcher weights it by samples across ranks): on the first batch of "
+                f"{target.shape[0]} its mean x samples gave {whole:.6g}, its samples one by one {sum(pieces):.6g} (a token mean over sequences of "
+                "varying length?); give the model a loss(batch) method returning (sum, count), or set model.loss_arg"
+            )
         raise UserError(
             f"model.loss(batch) must return (sum over the batch, element count): on the first batch of {target.shape[0]} it gave "
             f"{whole:.6g} (count {float(out[1]):g}), but its samples one by one add up to {sum(pieces):.6g}; "

@@ -25,6 +25,7 @@ from torch import nn
 
 from launch.data.types import Split, call_model, model_output
 from launch.errors import UserError
+from launch.models import lightning
 from launch.observe.metrics import Metrics, View
 from launch.train import losses
 from launch.user_code import call, import_object
@@ -57,9 +58,13 @@ def class_layout(output: torch.Tensor, target: torch.Tensor):
 class Task:
     def __init__(self, cfg, model: nn.Module):
         self.name = cfg.train.loss
+        # the model's own loss: a LightningModule's training_step, or a loss(batch) method (not a
+        # `self.loss = nn.CrossEntropyLoss()` submodule, which is a loss of (output, target))
+        self.method = None if cfg.model.loss_arg else (lightning.step_loss(model) or losses.own_method(model))
+        self.lightning_note = lightning.note(model, cfg)
         if cfg.model.loss_arg:
             self.kind = "output"
-        elif callable(getattr(model, "loss", None)):
+        elif self.method is not None:
             self.kind = "model"
         else:
             self.kind = "function" if self.name not in BUILTIN else self.name
@@ -81,7 +86,7 @@ class Task:
         """(loss, count): the local mean and its element count (an int) with static counts,
         else the local sum and its count (a tensor or int)."""
         if self.kind == "model":
-            return model.loss((inputs, target))
+            return self.method(model, (inputs, target))
         if self.kind == "output":
             return self.own.sum_and_count(model, inputs, target)
         raw = call_model(model, inputs)
@@ -103,7 +108,7 @@ class Task:
         """([loss sum, element count] in float64 for one batch, and the batch's predictions as the
         metrics read them: a launch.observe.metrics.View when `view`, else None)."""
         if self.kind == "model":
-            s, c = model.loss((inputs, target))
+            s, c = self.method(model, (inputs, target))
             return _pair(s, c, target.device), None
         if self.kind == "output":
             seen = []  # the forward's output, for import-path metrics: one forward gives loss and predictions
@@ -165,8 +170,8 @@ class Task:
     def _check_loss(self, model: nn.Module, inputs, target):
         """The loss's checks; returns the model's output on the batch (None where the loss calls the model itself)."""
         if self.kind == "model":
-            losses.check_method_sums(model, inputs, target, self.debug)
-            self.output_note = "loss: the model's loss(batch) method (sum, count)"
+            losses.check_method_sums(self.method, model, inputs, target, self.debug)
+            self.output_note = self.lightning_note or "loss: the model's loss(batch) method (sum, count)"
             return None
         if self.kind == "output":
             self.output_note = self.own.check(model, inputs, target, self.debug)
@@ -190,7 +195,7 @@ class Task:
     def _fit_metrics(self, model: nn.Module, inputs, target, raw) -> None:
         if self.kind == "model":
             asked = ", ".join(n for n in self.metrics.requested if n != "auto")
-            raise UserError(f"train.metrics [{asked}]: a model with a loss(batch) method returns only its loss (evaluated as eval_loss), no predictions to score")
+            raise UserError(f"train.metrics [{asked}]: {self.method.label} returns only its loss (evaluated as eval_loss), no predictions to score")
         if raw is None:
             raw = call(f"the model's forward with {self.own.arg}=target", self.own.call, model, inputs, target, debug=self.debug)
         self.metrics.fit(self.view(raw, target))

@@ -12,7 +12,8 @@ import torch
 
 from launch.data.corpus.files import need
 from launch.data.corpus.index import shared
-from launch.data.tabular import REGRESSION_LOSSES, _check_many_classes
+from launch.data.labels import check_many_classes
+from launch.data.tabular import REGRESSION_LOSSES
 from launch.errors import UserError
 
 STATS_UNITS = 64  # logical units (spread over the split) that estimate the standardisation
@@ -173,7 +174,7 @@ def target_kind(corpus, reader, target: str, loss: str, many: bool) -> tuple[str
         if min(lows) < 0:
             raise UserError(f"{corpus.spec}: target '{target}' holds {min(lows)}; integer class labels are indices from 0")
         names, kind = [str(i) for i in range(int(max(highs)) + 1)], "index"
-        _check_many_classes(names, corpus.rows, many, corpus.spec)
+        check_many_classes(names, corpus.rows, many, corpus.spec)
     if loss == "bce_with_logits":
         if len(names) != 2:
             raise UserError(f"{corpus.spec}: train.loss=bce_with_logits needs two classes here, the target holds {len(names)}")
