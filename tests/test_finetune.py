@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 
 from launch.examples import finetune_base as fb  # noqa: E402
 from launch.observe.logger import read_metrics  # noqa: E402
-from tests import finetune_jobs as jobs  # noqa: E402
+from tests import jobs  # noqa: E402
 from tests.test_models import max_diff, train_inproc  # noqa: E402
 
 LORA = ["model.lora.r=4", "model.lora.alpha=8"]
@@ -48,7 +48,8 @@ def ft(tmp_path_factory):
                       ("ddp_cut", [*two, *LORA, at("ddp_cut")], "stop:step=4"), ("ddp_cut", [*two, *LORA, at("ddp_cut")], ""),
                       ("fsdp_lora", [*fsdp, *LORA, at("fsdp_lora")], ""), ("fsdp_full", [*fsdp, *FULL, at("fsdp_full")], ""),
                       ("fsdp_cut", [*fsdp, *LORA, at("fsdp_cut")], "stop:step=4"), ("fsdp_cut", [*fsdp, *LORA, at("fsdp_cut")], ""),
-                      ("big", [*big, at("big")], "")], root / "out2")
+                      ("big", [*big, at("big")], ""),
+                      ("tp_lora", [*common, *LORA, "data.batch_size=12", "dist.tp=2", at("tp_lora")], "")], root / "out2")  # issue 25: LoRA x TP
     three = [*common, "data.batch_size=4"]
     jobs.run_jobs(3, [("ddp3_lora", [*three, *LORA, at("ddp3_lora")], ""), ("ddp3_full", [*three, *FULL, at("ddp3_full")], "")], root / "out3")
     return root, refs
@@ -81,6 +82,20 @@ def test_lora_and_full_finetuning_under_ddp_and_fsdp_equal_one_process(ft):
     assert "lm_head.weight" in base and torch.equal(base["lm_head.weight"], base["model.embed_tokens.weight"]), "tied weights stay tied"
     assert "LlamaDecoderLayer (model.layers.0 .. model.layers.1)" in jobs.log(root / "out2", "fsdp_full")
     assert "so their trainable modules are a unit of their own" in jobs.log(root / "out2", "fsdp_lora")
+
+
+def test_lora_composes_with_tensor_parallel(ft):
+    """Issue 25: LoRA on the model's own TP plan (dist.tp=2: one data-parallel rank of two TP ranks,
+    fed the same global batch of 12 as one process): the adapters of the split layers train to one
+    process's and model.pt holds them whole."""
+    root, refs = ft
+    out = root / "out2"
+    assert jobs.ended(out, "tp_lora")["ended"] == "done", jobs.log(out, "tp_lora")
+    assert "device mesh (data 1 x tp 2)" in jobs.log(out, "tp_lora"), jobs.log(out, "tp_lora")
+    one, tp = refs["one_lora"][1], weights(root, "tp_lora")
+    assert tp.keys() == one.keys() and all(tp[k].shape == one[k].shape for k in one)
+    assert max_diff(one, tp) <= 1e-6
+    assert read_metrics(root / "tp_lora")[-1]["eval_loss"] == pytest.approx(refs["one_lora"][0]["eval_loss"], abs=1e-6)
 
 
 def test_stop_and_rerun_is_bitwise_under_ddp_and_fsdp(ft):

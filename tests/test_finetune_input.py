@@ -22,7 +22,7 @@ from launch import config  # noqa: E402
 from launch.data import sft  # noqa: E402
 from launch.errors import UserError  # noqa: E402
 from launch.examples import finetune_base as fb  # noqa: E402
-from tests.finetune_jobs import one_thread  # noqa: E402
+from tests.jobs import one_thread  # noqa: E402
 from tests.helpers import PY, output, run  # noqa: E402
 from tests.user_code import Tokens  # noqa: E402
 from tests.user_models import HFLabels  # noqa: E402

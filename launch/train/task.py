@@ -195,7 +195,8 @@ class Task:
     def _fit_metrics(self, model: nn.Module, inputs, target, raw) -> None:
         if self.kind == "model":
             asked = ", ".join(n for n in self.metrics.requested if n != "auto")
-            raise UserError(f"train.metrics [{asked}]: {self.method.label} returns only its loss (evaluated as eval_loss), no predictions to score")
+            what = "a model with a loss(batch) method" if self.method.label == "model.loss(batch)" else self.method.label
+            raise UserError(f"train.metrics [{asked}]: {what} returns only its loss (evaluated as eval_loss), no predictions to score")
         if raw is None:
             raw = call(f"the model's forward with {self.own.arg}=target", self.own.call, model, inputs, target, debug=self.debug)
         self.metrics.fit(self.view(raw, target))

@@ -1,4 +1,4 @@
-"""Several training runs in one set of real gloo processes (tests/test_finetune.py).
+"""Several training runs in one set of real gloo processes (tests/test_finetune.py and any test whose runs need no launcher of their own).
 
 Starting processes that import torch, transformers and peft costs more than the tiny runs themselves,
 so `run_jobs(k, jobs, out)` spawns k ranks once and has them run `launch.train.loop.train` job after
