@@ -52,6 +52,13 @@ def checkpoint_files(run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- orphans
 
 
+def launcher_workers(pid: int) -> list[psutil.Process]:
+    """torchrun's workers are its children; --nproc's are forked by its forkserver, a child of the launcher."""
+    kids = psutil.Process(pid).children()
+    servers = [c for c in kids if any("forkserver" in a for a in c.cmdline())]
+    return [c for c in kids if any("train_ddp.py" in a for a in c.cmdline())] + [w for s in servers for w in s.children()]
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
 def test_kill_9_of_the_launcher_takes_its_workers_down_and_a_rerun_resumes(tmp_path, launcher):
     head = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train_ddp.py"] if launcher == "torchrun" else [PY, "train_ddp.py", "--nproc", "2"]
@@ -61,11 +68,10 @@ def test_kill_9_of_the_launcher_takes_its_workers_down_and_a_rerun_resumes(tmp_p
     workers: list[psutil.Process] = []
     try:
         tmp = wait_for("the stalled save at step 8", stalled_save(run_dir), proc)
-        workers = [c for c in psutil.Process(proc.pid).children()
-                   if any("train_ddp.py" in a or "spawn_main" in a for a in c.cmdline())]
-        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(proc.pid).children()]
+        workers = launcher_workers(proc.pid)
+        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
         writer = int(tmp[0].name.rsplit("-", 1)[1])
-        assert writer in {w.pid for w in workers}, "rank 0 is a child of the launcher"
+        assert writer in {w.pid for w in workers}, "rank 0 is a worker of the launcher"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 5

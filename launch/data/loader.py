@@ -33,8 +33,8 @@ def data_loader(dataset, cfg, rank: int, device: torch.device, batch_sampler=Non
         pin_memory=pin,
         persistent_workers=workers > 0 and batch_sampler is not None,  # a stream gets a new loader per epoch
         prefetch_factor=2 if workers > 0 else None,
-        # Under `--nproc` (mp.spawn) a rank's default start method is spawn: every worker would import
-        # torch and the user's module again (seconds each). Fork, as under torchrun and plain python.
+        # Whatever the default start method (spawn on macOS, forkserver from Python 3.14), a worker that
+        # started afresh would import torch and the user's module again (seconds each): fork, on Linux.
         multiprocessing_context="fork" if workers > 0 and sys.platform.startswith("linux") else None,
         worker_init_fn=functools.partial(lifeline.loader_worker_dies_with, os.getpid()) if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),  # distinct worker seeds per rank

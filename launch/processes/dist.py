@@ -3,7 +3,7 @@
 Four launchers, one contract:
 - plain `python`: world size 1, no process group, no `dist.*` call at all;
 - `torchrun`: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT;
-- `python train_ddp.py --nproc N`: torch.multiprocessing.spawn; the parent hosts the
+- `python train_ddp.py --nproc N`: torch.multiprocessing (forkserver); the parent hosts the
   rendezvous store on a free port (port 0), so two such runs never collide;
 - `srun` one task per device: SLURM_PROCID/LOCALID/NTASKS/NNODES mapped to the same fields.
 """

@@ -6,17 +6,18 @@ into a run directory that a rerun then shares with them. `die_with_parent` asks 
 SIGKILL this process when its parent goes (Linux PR_SET_PDEATHSIG).
 
 PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Both
-launchers fork from their main thread, which lives as long as they do (torch 2.13): torchrun's
-agent runs `agent.run()` in its main thread and starts workers with `subprocess.Popen` there
-(elastic/multiprocessing/subprocess_handler), and `torch.multiprocessing.start_processes` with
-start_method="spawn" starts them one by one in the calling thread (a thread pool is used only for
-forkserver with TORCH_MP_PARALLEL_START=1); our `spawn` calls it from the main thread.
+launchers fork from a main thread that lives as long as they do (torch 2.13): torchrun's agent
+runs `agent.run()` in its main thread and starts workers with `subprocess.Popen` there
+(elastic/multiprocessing/subprocess_handler); `--nproc` workers are forked by a forkserver
+(single-threaded), which itself dies with the `--nproc` parent (launch.processes.server), so a
+kill -9 of the parent takes the server and then every worker down.
 
 The race where the parent died before the prctl call: the parent pid is taken as early as
-possible, from LAUNCH_PARENT_PID (set by our `--nproc` parent) or else when this module is
-imported (launch.processes.entry imports it first, before torch), and compared after the prctl. A worker
-orphaned even earlier (during interpreter start-up) cannot join the job either: torchrun's agent
-and the `--nproc` parent host the rendezvous store, so it fails to connect and exits.
+possible, from LAUNCH_PARENT_PID (set by the `--nproc` parent for its server, and by each forked
+worker as its first act) or else when this module is imported (launch.processes.entry imports it
+first, before torch), and compared after the prctl. A worker orphaned even earlier cannot join the
+job either: torchrun's agent and the `--nproc` parent host the rendezvous store, so it fails to
+connect and exits.
 """
 
 from __future__ import annotations
