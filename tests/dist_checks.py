@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import forked
+
 N_TRAIN = 10  # deliberately not divisible by 3
 N_EVAL = 10
 N_SEQ = 11  # divisible by none of the world sizes 2, 3
@@ -61,5 +63,5 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def run_checks(world_size: int, out_dir: str) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-    mp.start_processes(_worker, args=(world_size, store.port, out_dir), nprocs=world_size, start_method="spawn")
+    mp.start_processes(_worker, args=(world_size, store.port, out_dir), nprocs=world_size, start_method=forked())
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]

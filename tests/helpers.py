@@ -62,3 +62,13 @@ def wait_for(what: str, found, proc: subprocess.Popen, deadline_s: float = 120):
             break
         time.sleep(0.05)
     raise AssertionError(f"{what} did not happen (exit {proc.poll()})")
+
+
+def forked() -> str:
+    """The start method for a test's own `mp.start_processes`: a forkserver that imported torch and the
+    training code once per pytest worker, so each rank starts without an interpreter start-up of its own
+    (about 2 s of CPU each), as the `--nproc` launcher does (launch.processes.entry)."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "launch.train.loop"])
+    return "forkserver"

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.helpers import forked
+
 N = 23  # divides by neither 2, 3 nor the evaluation batch of 4
 N_SEQ = 11
 BATCH = 4
@@ -108,5 +110,5 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def run(world_size: int, out_dir: str) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-    mp.start_processes(_worker, args=(world_size, store.port, out_dir), nprocs=world_size, start_method="spawn")
+    mp.start_processes(_worker, args=(world_size, store.port, out_dir), nprocs=world_size, start_method=forked())
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
