@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import runpy
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,13 @@ from launch.data.build import build_data  # noqa: E402
 from launch.data.feeder import make_feeder  # noqa: E402
 from launch.errors import UserError  # noqa: E402
 from launch.observe.logger import read_metrics  # noqa: E402
+from launch.processes.dist import DistEnv, setup  # noqa: E402
 from launch.processes.stopping import Stopped  # noqa: E402
-from tests.helpers import PY, ROOT, env, output  # noqa: E402
-from tests.test_models import max_diff, spawn, train_inproc  # noqa: E402
+from launch.train.loop import train  # noqa: E402
+from tests import jobs  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
+from tests.test_models import max_diff  # noqa: E402
+from tests.test_models import train_inproc as _train_inproc  # noqa: E402
 
 TRAIN_SIZES, VAL_SIZES = (61, 0, 97, 43, 83), (37, 29)  # no shard divides a global batch of 12
 CPU = torch.device("cpu")
@@ -86,6 +91,12 @@ def data_args(root: Path, fmt: str = "pq", *extra) -> list[str]:
 
 
 TAB = ["model.hidden=[16]", "train.lr=0.1", "train.epochs=2", "log.progress=false", "train.device=cpu", "data.feature_columns=[a,b,v]"]
+
+
+def train_inproc(run_dir, *overrides):
+    """One process in this process, on one thread (as the shared ranks run)."""
+    with jobs.one_thread():
+        return _train_inproc(run_dir, *overrides)
 
 
 def build(*overrides):
@@ -264,25 +275,36 @@ def one(corpus, tmp_path_factory):
     return train_inproc(d, *TAB, *DDP, *data_args(corpus), "data.batch_size=12") + (d,)
 
 
-def test_three_ranks_equal_one_process(corpus, one, tmp_path):
+@pytest.fixture(scope="module")
+def ranks(corpus, tmp_path_factory):
+    """The multi-process runs on shared gloo ranks (tests/jobs.py): 2 ranks at 6 stopped at step 30 (as
+    a signal would stop them); then on 3 ranks at 4, a whole run and the stopped run continued with 2
+    DataLoader workers each."""
+    d = tmp_path_factory.mktemp("ranks")
+    common = [*TAB, *DDP, *data_args(corpus)]
+    jobs.run_jobs(2, [("cut", [*common, "data.batch_size=6", f"run.dir={d / 'cut'}"], "stop:step=30")], d / "out2")
+    jobs.run_jobs(3, [("three", [*common, "data.batch_size=4", f"run.dir={d / 'three'}"], ""),
+                      ("cut", [*common, "data.batch_size=4", "data.num_workers=2", f"run.dir={d / 'cut'}"], "")], d / "out3")
+    return d
+
+
+def test_three_ranks_equal_one_process(ranks, one):
     res, w1, _, _ = one
-    p = spawn(3, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=4")
-    assert p.returncode == 0, output(p)
-    assert max_diff(w1, torch.load(tmp_path / "model.pt", weights_only=True)) <= 1e-6
-    rec = read_metrics(tmp_path)[-1]
+    assert jobs.ended(ranks / "out3", "three")["ended"] == "done", jobs.log(ranks / "out3", "three")
+    assert max_diff(w1, torch.load(ranks / "three" / "model.pt", weights_only=True)) <= 1e-6
+    rec = read_metrics(ranks / "three")[-1]
     assert rec["eval_samples"] == res["eval_samples"] == sum(VAL_SIZES) and rec["eval_loss"] == pytest.approx(res["eval_loss"], abs=1e-6)
 
 
-def test_stopped_at_two_ranks_resumed_at_three_equals_the_uninterrupted_run(corpus, one, tmp_path):
+def test_stopped_at_two_ranks_resumed_at_three_equals_the_uninterrupted_run(ranks, one):
     """2 ranks stop mid-epoch 1 (step 30 of 48); 3 ranks with 2 DataLoader workers each continue at the
     same global batch: the weights of the uninterrupted run."""
     _, w1, _, _ = one
-    p = spawn(2, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=6", LAUNCH_FAULT="stop:step=30")
-    assert p.returncode == 75, output(p)
-    p = spawn(3, tmp_path, *TAB, *DDP, *data_args(corpus), "data.batch_size=4", "data.num_workers=2")
-    assert p.returncode == 0, output(p)
-    assert "resumed from" in p.stdout and "world size 2, resuming with 3" in p.stdout
-    assert max_diff(w1, torch.load(tmp_path / "model.pt", weights_only=True)) <= 1e-6
+    assert jobs.ended(ranks / "out2", "cut")["ended"] == "stopped", jobs.log(ranks / "out2", "cut")
+    text = jobs.log(ranks / "out3", "cut")
+    assert jobs.ended(ranks / "out3", "cut")["ended"] == "done", text
+    assert "resumed from" in text and "world size 2, resuming with 3" in text
+    assert max_diff(w1, torch.load(ranks / "cut" / "model.pt", weights_only=True)) <= 1e-6
 
 
 def test_stop_and_rerun_is_bitwise_and_a_changed_corpus_is_refused_or_accepted(corpus, one, tmp_path, monkeypatch):
@@ -304,13 +326,21 @@ def test_stop_and_rerun_is_bitwise_and_a_changed_corpus_is_refused_or_accepted(c
     assert "the interrupted epoch starts its order afresh" in out and res["step"] > 13
 
 
-def test_the_parquet_lm_recipe_runs_as_written_on_the_generated_corpus(tmp_path):
-    """configs/parquet_lm.yaml with the corpus launch.examples.corpus_lm writes (shortened to 12 steps)."""
-    p = subprocess.run([PY, "-m", "launch.examples.corpus_lm", "data/corpus"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([PY, str(ROOT / "train_single.py"), "--config", str(ROOT / "configs" / "parquet_lm.yaml"), "train.device=cpu", "train.max_steps=12"],
-                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, output(p)
-    assert "data: parquet corpus data/corpus/train: 5 file(s)" in p.stdout and "skipped 1 empty file(s)" in p.stdout
+def test_the_parquet_lm_recipe_runs_as_written_on_the_generated_corpus(tmp_path, monkeypatch):
+    """configs/parquet_lm.yaml with the corpus launch.examples.corpus_lm writes (shortened to 12 steps):
+    both commands run from tmp_path, in this process (`python -m launch.examples.corpus_lm data/corpus`
+    through its __main__, then the config file as train_single.py loads it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["corpus_lm", "data/corpus"])
+    from launch.examples import corpus_lm
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        runpy.run_path(corpus_lm.__file__, run_name="__main__")  # the module's own command line, as `python -m` runs it
+    cfg = config.load(str(ROOT / "configs" / "parquet_lm.yaml"), ["train.device=cpu", "train.max_steps=12"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), jobs.one_thread():
+        train(cfg, setup(cfg, DistEnv("plain")))
+    said = out.getvalue()
+    assert "data: parquet corpus data/corpus/train: 5 file(s)" in said and "skipped 1 empty file(s)" in said, said
     rec = read_metrics(tmp_path / "runs" / "parquet_lm")[-1]
     assert rec["step"] == 12 and rec["eval_loss"] < 2.7  # log(15) = 2.71 before learning

@@ -23,7 +23,8 @@ from launch.processes.dist import DistEnv, setup
 from launch.processes.stopping import Stopped
 from launch.train.loop import train
 from launch.train.optim import lr_factor
-from tests.helpers import SMALL, output, spawn
+from tests import jobs
+from tests.helpers import SMALL
 
 # n_train=90 leaves short tails: batch 8 -> 11 full micro-batches and one of 2, so an accumulation
 # group of 4 holds 8+8+8+2 samples; batch 32 -> 32, 32, 26. Weighting by micro-batch count instead
@@ -33,10 +34,11 @@ RICH = ["train.momentum=0.9", "train.weight_decay=0.001", "train.grad_clip=0.5",
 
 
 def run_inproc(run_dir, *overrides):
-    """launch.train.loop.train in this process (one plain process); returns (final record, final weights)."""
+    """launch.train.loop.train in this process (one plain process, one thread as the shared ranks use);
+    returns (final record, final weights)."""
     cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", "train.device=cpu", *overrides])
     rt = setup(cfg, DistEnv("plain"))
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), jobs.one_thread():
         result = train(cfg, rt)
     return result, torch.load(run_dir / "model.pt")
 
@@ -58,10 +60,12 @@ def test_accumulation_equals_one_big_batch_single(tmp_path, optimizer):
 
 
 def test_accumulation_equals_one_big_batch_ddp(tmp_path):
-    """2 gloo processes x batch 4 x accum 4 == one process at batch 32 (no_sync on all but the last micro-step)."""
+    """2 gloo processes (shared ranks, tests/jobs.py) x batch 4 x accum 4 == one process at batch 32
+    (no_sync on all but the last micro-step)."""
     big, wbig = run_inproc(tmp_path / "big", *TAIL, *RICH, "data.batch_size=32")
-    p = spawn(2, tmp_path / "ddp", *TAIL, *RICH, "data.batch_size=4", "train.accum_steps=4", "dist.bucket_cap_mb=0.001")
-    assert p.returncode == 0, output(p)
+    jobs.run_jobs(2, [("ddp", [*SMALL, *TAIL, *RICH, "data.batch_size=4", "train.accum_steps=4", "dist.bucket_cap_mb=0.001", f"run.dir={tmp_path / 'ddp'}"], "")],
+                  tmp_path / "out")
+    assert jobs.ended(tmp_path / "out", "ddp")["ended"] == "done", jobs.log(tmp_path / "out", "ddp")
     wddp = torch.load(tmp_path / "ddp" / "model.pt")
     assert_close_weights(wddp, wbig, 1e-6)
     last = read_metrics(tmp_path / "ddp")[-1]
@@ -194,13 +198,19 @@ def test_stop_and_resume_with_accumulation_is_bitwise(tmp_path, monkeypatch):
     assert [r["train_loss"] for r in read_metrics(tmp_path / "run")] == [r["train_loss"] for r in read_metrics(tmp_path / "ref")]
 
 
-def test_profiler_writes_traces_and_leaves_results_unchanged(tmp_path):
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """One plain process, SMALL for one epoch: the reference of the profiler and process-group tests."""
+    return run_inproc(tmp_path_factory.mktemp("plain"), "train.epochs=1")
+
+
+def test_profiler_writes_traces_and_leaves_results_unchanged(tmp_path, plain):
     import json
 
-    plain, wplain = run_inproc(tmp_path / "plain", "train.epochs=1")
+    _, wplain = plain
     cfg = config.load(None, [*SMALL, f"run.dir={tmp_path / 'prof'}", "train.device=cpu", "train.epochs=1", "log.profile_steps=3:5"])
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), jobs.one_thread():
         train(cfg, setup(cfg, DistEnv("plain")))
     wprof = torch.load(tmp_path / "prof" / "model.pt")
     trace = tmp_path / "prof" / "profile" / "rank0.steps3-5.pt.trace.json"
@@ -210,7 +220,7 @@ def test_profiler_writes_traces_and_leaves_results_unchanged(tmp_path):
         assert torch.equal(wplain[k], wprof[k]), k
 
 
-def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tmp_path, monkeypatch):
+def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tmp_path, monkeypatch, plain):
     """torchrun --nproc_per_node=1 (a common single-GPU SLURM job): a process group exists, DDP does not."""
     import torch.distributed as dist
 
@@ -219,7 +229,7 @@ def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tm
     from launch.train.run import start
     from launch.train.step import TrainingModule
 
-    _, wplain = run_inproc(tmp_path / "plain", "train.epochs=1")
+    _, wplain = plain
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(store.port), LAUNCH_LAUNCHER="spawn", LAUNCH_STORE_HOSTED="1").items():
@@ -228,7 +238,7 @@ def test_one_process_group_does_not_wrap_the_model_and_equals_a_plain_process(tm
     rt = setup(cfg, detect())
     try:
         assert rt.env.distributed and dist.is_initialized() and dist.get_world_size() == 1
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), jobs.one_thread():
             run = start(cfg, rt, StopRequest(tmp_path / "STOP"))
             assert type(run.step.module) is TrainingModule, "no DDP wrapper at world size 1"
             run.lock.release()  # train() below sets the run up again

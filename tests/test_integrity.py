@@ -19,21 +19,23 @@ import torch
 import yaml
 
 from launch import config
+from launch.commands import cli
 from launch.checkpoint import integrity, rundir, store
 from launch.errors import UserError
 from launch.observe.logger import read_metrics
 from launch.processes.dist import DistEnv, setup
 from launch.train.loop import train
-from tests.helpers import PY, ROOT, SMALL, env, output, run, single
+from tests import jobs
+from tests.helpers import PY, ROOT, SMALL, env, output, run
 
 # SMALL: 384 samples, batch 16 -> 24 steps per epoch; a checkpoint per epoch (ckpt.every_epochs=1).
 
 
 def train_inproc(run_dir, *overrides) -> str:
-    """Train in this process; return what it printed."""
+    """Train in this process (on one thread, as the shared ranks run); return what it printed."""
     cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", *overrides])
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), jobs.one_thread():
         train(cfg, setup(cfg, DistEnv("plain")))
     return out.getvalue()
 
@@ -81,36 +83,40 @@ def only_line(text: str, needle: str) -> str:
 
 
 def test_bit_flip_in_the_newest_checkpoint_falls_back_and_keeps_the_file(tmp_path):
+    """Both runs in this process: what is under test is what a rerun reads, not a process boundary."""
     args = ("train.epochs=3", "train.momentum=0.9")
-    first = single(tmp_path, *args)  # uninterrupted: checkpoints at steps 24, 48, 72
-    assert first.returncode == 0, output(first)
+    train_inproc(tmp_path, *args)  # uninterrupted: checkpoints at steps 24, 48, 72
     reference = torch.load(tmp_path / "model.pt", weights_only=True)
     newest = tmp_path / "checkpoints" / "step_00000072.pt"
     weight = torch.load(newest, weights_only=True)["model"]["linear_relu_stack.1.weight"]
     damaged = flip_inside_tensor(newest, weight)
     assert torch.load(newest, weights_only=True)["step"] == 72, "torch itself loads the damaged file without complaint"
 
-    again = single(tmp_path, *args)  # the same command
-    assert again.returncode == 0, output(again)
-    line = only_line(again.stdout, "step_00000072.pt: corrupt")
+    again = train_inproc(tmp_path, *args)  # the same command
+    line = only_line(again, "step_00000072.pt: corrupt")
     assert str(newest) in line and "sha256" in line and "falling back to the previous checkpoint" in line
-    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000048.pt'} (epoch 2, step 48)" in again.stdout
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000048.pt'} (epoch 2, step 48)" in again
     final = torch.load(tmp_path / "model.pt", weights_only=True)
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
     kept = list((tmp_path / "checkpoints").glob("step_00000072.pt.corrupt-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == damaged, "the corrupt file is set aside, unchanged"
-    assert f"as {kept[0]}" in again.stdout
+    assert f"as {kept[0]}" in again
     assert integrity.verify(newest), "step 72 saved again, with a manifest that matches"
     assert [r["step"] for r in read_metrics(tmp_path)] == [24, 48, 72]
 
 
-def test_predict_refuses_a_flipped_model_pt_in_one_line(finished, tmp_path):
+def test_predict_refuses_a_flipped_model_pt_in_one_line(finished, tmp_path, capsys):
+    """The intact weights evaluate (`launch predict`'s main() in this process); the flipped ones are
+    refused by the real command: its exit status, its one stderr line, nothing on stdout."""
     run_dir = tmp_path / "weights"
     run_dir.mkdir()
     for name in ("model.pt", "model.manifest.json", "config.yaml"):
         shutil.copy(finished / name, run_dir / name)
-    good = run([PY, "-m", "launch", "predict", str(run_dir), "--eval"])
-    assert good.returncode == 0, output(good)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as good, jobs.one_thread():
+        cli.main(["predict", str(run_dir), "--eval"])
+    printed = capsys.readouterr()
+    assert good.value.code == 0 and json.loads(printed.out)["loss"] > 0, printed
     weights = torch.load(run_dir / "model.pt", weights_only=True)  # users' plain torch.load keeps working
     flip_inside_tensor(run_dir / "model.pt", weights["linear_relu_stack.1.weight"])
     bad = run([PY, "-m", "launch", "predict", str(run_dir), "--eval"])

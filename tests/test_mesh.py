@@ -16,7 +16,8 @@ from launch.errors import UserError
 from launch.observe.logger import read_metrics
 from launch.processes.dist import DistEnv, Runtime
 from tests.helpers import PY, SMALL, output, run
-from tests.test_models import max_diff, spawn, train_inproc
+from tests import jobs
+from tests.test_models import max_diff, train_inproc
 
 pytest.importorskip("transformers", reason="transformers is not installed (optional: pip install -e '.[hf]')")
 
@@ -52,27 +53,49 @@ def _llama():
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """One process at 16 samples a step (without and with clipping, in this process); TP(2) at 16 (one
-    data-parallel rank of two TP ranks); FSDP(2) x TP(2) with sequence parallel at 8 per data-parallel rank."""
-    base = tmp_path_factory.mktemp("llama")
-    one, w1, _ = train_inproc(base / "one", *LLAMA, "data.batch_size=16")
-    one_clip, w1c, _ = train_inproc(base / "one_clip", *LLAMA, *CLIP, "data.batch_size=16")
-    tp = spawn(2, base / "tp", *LLAMA, "data.batch_size=16", "dist.tp=2")
-    assert tp.returncode == 0, output(tp)
-    assert "device mesh (data 1 x tp 2)" in tp.stdout and "the Hugging Face plan of LlamaForCausalLM" in tp.stdout, output(tp)
-    both = spawn(4, base / "fsdp_tp", *LLAMA, *CLIP, "data.batch_size=8", "dist.tp=2", "dist.strategy=fsdp", "dist.sequence_parallel=true",
-                 "ckpt.every_steps=0")  # only the final checkpoint (export reads it)
-    assert both.returncode == 0, output(both)
-    assert "device mesh (shard 2 x tp 2): FSDP x TP" in both.stdout and "with sequence parallel" in both.stdout, output(both)
-    return base, (one, w1), (one_clip, w1c)
+def meshes(tmp_path_factory):
+    """Every run of this file, made once. In this process: one process at 16 samples a step (without and
+    with clipping) and the MLP at 64 a step. On 4 shared gloo ranks (tests/jobs.py): FSDP(2) x TP(2) with
+    sequence parallel at 8 per data-parallel rank, HSDP 2 x 2 at 16 each, and HSDP stopped at its step-8
+    checkpoint and rerun. On 2 shared ranks: TP(2) at 16 (one data-parallel rank of two TP ranks), TP
+    stopped at its step-2 checkpoint and rerun with the user's model.tp_plan, and the HSDP run's step-8
+    checkpoint continued as FSDP over 2 ranks at the same global batch (2 x 32)."""
+    base = tmp_path_factory.mktemp("meshes")
+    with jobs.one_thread():
+        one, w1, _ = train_inproc(base / "one", *LLAMA, "data.batch_size=16")
+        one_clip, w1c, _ = train_inproc(base / "one_clip", *LLAMA, *CLIP, "data.batch_size=16")
+        small, ws, _ = train_inproc(base / "small", *SMALL, "data.batch_size=64")
+    at = lambda name: f"run.dir={base / name}"  # noqa: E731
+    hsdp = [*SMALL, "data.batch_size=16", "dist.strategy=fsdp", "dist.replicate=2", "ckpt.every_steps=8"]  # saves at 6 (epoch end), 8, 12
+    jobs.run_jobs(4, [("fsdp_tp", [*LLAMA, *CLIP, "data.batch_size=8", "dist.tp=2", "dist.strategy=fsdp", "dist.sequence_parallel=true",
+                                   "ckpt.every_steps=0", at("fsdp_tp")], ""),  # only the final checkpoint (export reads it)
+                      ("hsdp", [*hsdp, at("hsdp")], ""),
+                      ("hsdp_cut", [*hsdp, at("hsdp_cut")], "stop:step=8"), ("hsdp_cut", [*hsdp, at("hsdp_cut")], "")], base / "out4")
+    shutil.copytree(base / "hsdp", base / "hsdp_fsdp")
+    _rewind(base / "hsdp_fsdp", 8)  # mid-epoch 1
+    tp = [*LLAMA, "data.batch_size=16", "dist.tp=2"]
+    jobs.run_jobs(2, [("tp", [*tp, at("tp")], ""),
+                      ("tp_cut", [*tp, at("tp_cut")], "stop:step=2"), ("tp_cut", [*tp, "model.tp_plan=tests.test_mesh:llama_plan", at("tp_cut")], ""),
+                      ("hsdp_fsdp", [*SMALL, "data.batch_size=32", "dist.strategy=fsdp", "ckpt.every_steps=8", at("hsdp_fsdp")], "")], base / "out2")
+    return base, (one, w1), (one_clip, w1c), (small, ws)
 
 
-def test_tensor_parallel_and_fsdp_x_tp_equal_one_process(llama):
+def done(base, out: str, name: str, attempt: int = 1) -> str:
+    """Rank 0's log of a shared-rank run that must have ended normally."""
+    text = jobs.log(base / out, name, attempt=attempt)
+    assert jobs.ended(base / out, name, attempt=attempt)["ended"] == "done", text
+    return text
+
+
+def test_tensor_parallel_and_fsdp_x_tp_equal_one_process(meshes):
     """TP(2): the plan's pairs split over two ranks fed the same samples (counted once: the loss and
     element counts of a group are its first rank's). FSDP(2) x TP(2) with sequence parallel and
     clipping by the global norm over both meshes (torch's clip_grad_norm_ fails across them)."""
-    base, (one, w1), (one_clip, w1c) = llama
+    base, (one, w1), (one_clip, w1c), _ = meshes
+    text = done(base, "out2", "tp")
+    assert "device mesh (data 1 x tp 2)" in text and "the Hugging Face plan of LlamaForCausalLM" in text, text
+    text = done(base, "out4", "fsdp_tp")
+    assert "device mesh (shard 2 x tp 2): FSDP x TP" in text and "with sequence parallel" in text, text
     assert max_diff(w1, w1c) > 1e-3, "clipping must change this run, or the test proves nothing about it"
     tp, both = (torch.load(base / d / "model.pt", weights_only=True) for d in ("tp", "fsdp_tp"))
     assert max_diff(w1, tp) <= 1e-6
@@ -84,11 +107,12 @@ def test_tensor_parallel_and_fsdp_x_tp_equal_one_process(llama):
         assert rec["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6), name
 
 
-def test_model_pt_and_export_are_plain_state_dicts_of_the_unsharded_model(llama):
+def test_model_pt_and_export_are_plain_state_dicts_of_the_unsharded_model(meshes):
     from launch.commands import export
 
-    base = llama[0]
-    for name in ("tp", "fsdp_tp"):
+    base = meshes[0]
+    for name, out in (("tp", "out2"), ("fsdp_tp", "out4")):
+        done(base, out, name)
         final = torch.load(base / name / "model.pt", weights_only=True)
         _llama().load_state_dict(final, strict=True)
         exported = export.weights(export.resolve(str(base / name)))  # the sharded checkpoint read whole, in this process
@@ -105,20 +129,22 @@ def _rewind(run_dir, step: int) -> None:
     (run_dir / "model.pt").unlink()
 
 
-def test_tensor_parallel_resumes_bitwise_and_continues_on_one_process(llama, tmp_path):
-    """Rerun from the TP run's step-2 checkpoint on the same mesh, the same split given by the user's
-    model.tp_plan this time: bitwise. The same checkpoint continued by one process (dist.tp=1) at the
-    same global batch: the same run within 1e-6 (TP's sums split differently: measured 1.5e-8)."""
-    base = llama[0]
-    shutil.copytree(base / "tp", tmp_path / "again")
-    _rewind(tmp_path / "again", 2)
-    shutil.copytree(tmp_path / "again", tmp_path / "one")
-    again = spawn(2, tmp_path / "again", *LLAMA, "data.batch_size=16", "dist.tp=2", "model.tp_plan=tests.test_mesh:llama_plan")
-    assert again.returncode == 0 and "resumed from" in again.stdout and "step_00000002.dcp" in again.stdout, output(again)
-    assert "tensor parallel over 2 ranks: model.tp_plan=tests.test_mesh:llama_plan" in again.stdout, output(again)
-    ref, rerun = (torch.load(d / "model.pt", weights_only=True) for d in (base / "tp", tmp_path / "again"))
+def test_tensor_parallel_resumes_bitwise_and_continues_on_one_process(meshes, tmp_path):
+    """A TP run stopped at its step-2 checkpoint, rerun on the same mesh, the same split given by the
+    user's model.tp_plan this time: bitwise the uninterrupted TP run. The TP run's step-2 checkpoint
+    continued by one process (dist.tp=1) at the same global batch: the same run within 1e-6 (TP's sums
+    split differently: measured 1.5e-8)."""
+    base = meshes[0]
+    assert jobs.ended(base / "out2", "tp_cut")["ended"] == "stopped", jobs.log(base / "out2", "tp_cut")
+    again = done(base, "out2", "tp_cut", attempt=2)
+    assert "resumed from" in again and "step_00000002.dcp" in again, again
+    assert "tensor parallel over 2 ranks: model.tp_plan=tests.test_mesh:llama_plan" in again, again
+    ref, rerun = (torch.load(base / d / "model.pt", weights_only=True) for d in ("tp", "tp_cut"))
     assert all(torch.equal(ref[k], rerun[k]) for k in ref)
-    _, single, out = train_inproc(tmp_path / "one", *LLAMA, "data.batch_size=16")
+    shutil.copytree(base / "tp", tmp_path / "one")
+    _rewind(tmp_path / "one", 2)
+    with jobs.one_thread():
+        _, single, out = train_inproc(tmp_path / "one", *LLAMA, "data.batch_size=16")
     assert "changed on resume at step 2: dist.tp 2 -> 1" in out and "step_00000002.dcp" in out, out
     assert max_diff(ref, single) <= 1e-6
 
@@ -126,37 +152,24 @@ def test_tensor_parallel_resumes_bitwise_and_continues_on_one_process(llama, tmp
 # --------------------------------------------------------------------------- HSDP
 
 
-@pytest.fixture(scope="module")
-def hsdp(tmp_path_factory):
-    """The MLP job: one process at 64 a step (in this process) and HSDP 2 x 2 on 4 processes at 16 each."""
-    base = tmp_path_factory.mktemp("hsdp")
-    one, w1, _ = train_inproc(base / "one", *SMALL, "data.batch_size=64")
-    p = run([PY, "train_ddp.py", "--nproc", "4", *SMALL, f"run.dir={base / 'hsdp'}", "data.batch_size=16",
-             "dist.strategy=fsdp", "dist.replicate=2", "ckpt.every_steps=8"], timeout=240)  # saves at 6 (epoch end), 8, 12
-    assert p.returncode == 0, output(p)
-    assert "device mesh (replicate 2 x shard 2): HSDP" in p.stdout, output(p)
-    return base, one, w1
-
-
-def test_hsdp_equals_one_process_resumes_bitwise_and_continues_as_fsdp(hsdp, tmp_path):
-    base, one, w1 = hsdp
+def test_hsdp_equals_one_process_resumes_bitwise_and_continues_as_fsdp(meshes):
+    """The MLP job: HSDP 2 x 2 on 4 ranks at 16 each = one process at 64 a step; an HSDP run stopped at
+    its step-8 checkpoint (mid-epoch 1) and rerun: bitwise; the HSDP run's step-8 checkpoint continued
+    as FSDP over 2 ranks at the same global batch (2 x 32): the same run within 1e-6."""
+    base, _, _, (one, w1) = meshes
+    assert "device mesh (replicate 2 x shard 2): HSDP" in done(base, "out4", "hsdp")
     ref = torch.load(base / "hsdp" / "model.pt", weights_only=True)
     assert max_diff(w1, ref) <= 1e-6
     rec = read_metrics(base / "hsdp")[-1]
     assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6) and rec["eval_samples"] == 100
-    shutil.copytree(base / "hsdp", tmp_path / "again")
-    _rewind(tmp_path / "again", 8)  # mid-epoch 1
-    shutil.copytree(tmp_path / "again", tmp_path / "fsdp")
-    common = [*SMALL, "dist.strategy=fsdp", "ckpt.every_steps=8"]
-    again = run([PY, "train_ddp.py", "--nproc", "4", *common, f"run.dir={tmp_path / 'again'}", "data.batch_size=16", "dist.replicate=2"], timeout=240)
-    assert again.returncode == 0 and "step_00000008.dcp" in again.stdout, output(again)
-    rerun = torch.load(tmp_path / "again" / "model.pt", weights_only=True)
+    assert jobs.ended(base / "out4", "hsdp_cut")["ended"] == "stopped", jobs.log(base / "out4", "hsdp_cut")
+    assert "step_00000008.dcp" in done(base, "out4", "hsdp_cut", attempt=2)
+    rerun = torch.load(base / "hsdp_cut" / "model.pt", weights_only=True)
     assert all(torch.equal(ref[k], rerun[k]) for k in ref)
-    # HSDP -> FSDP over 2 processes at the same global batch (2 x 32): the same run within 1e-6
-    fsdp = run([PY, "train_ddp.py", "--nproc", "2", *common, f"run.dir={tmp_path / 'fsdp'}", "data.batch_size=32"], timeout=240)
-    assert fsdp.returncode == 0 and "written with world size 4, resuming with 2" in fsdp.stdout, output(fsdp)
-    assert "changed on resume at step 8: dist.replicate '2' -> '1'" in fsdp.stdout, output(fsdp)
-    assert max_diff(ref, torch.load(tmp_path / "fsdp" / "model.pt", weights_only=True)) <= 1e-6
+    fsdp = done(base, "out2", "hsdp_fsdp")
+    assert "written with world size 4, resuming with 2" in fsdp, fsdp
+    assert "changed on resume at step 8: dist.replicate '2' -> '1'" in fsdp, fsdp
+    assert max_diff(ref, torch.load(base / "hsdp_fsdp" / "model.pt", weights_only=True)) <= 1e-6
 
 
 # --------------------------------------------------------------------------- one line, before any process group

@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from launch import config
+from launch.commands import cli
 from launch.errors import UserError
 from launch.observe.metric_math import auroc_binary, auroc_ovr_macro, f1_macro
 from launch.processes.dist import DistEnv, Runtime
 from launch.train.task import Task
-from tests import metric_checks
-from tests.helpers import PY, output, run, single
+from tests import jobs, metric_checks
+from tests.helpers import SMALL, output, single
+from tests.test_models import train_inproc
 
 FLOAT32_KEYS = ("eval_loss", "eval_mse", "eval_mae")
 
@@ -273,24 +275,36 @@ def test_a_misfit_stops_the_run_before_anything_is_written(tmp_path):
 # --------------------------------------------------------------------------- a run and launch predict
 
 
-def test_a_run_records_the_metrics_and_predict_recomputes_them(tmp_path):
+def predict(capsys, *args) -> tuple[int, str, str]:
+    """`launch predict ARGS` through the command's main() in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e, jobs.one_thread():
+        cli.main(["predict", *args])
+    printed = capsys.readouterr()
+    return e.value.code, printed.out, printed.err
+
+
+def test_a_run_records_the_metrics_and_predict_recomputes_them(tmp_path, capsys):
+    """The run, its rerun and `launch predict` in this process (no process boundary under test here;
+    the refusal before anything is written is the real command's, above)."""
     run_dir = tmp_path / "r"
-    p = single(run_dir, "data.classes=7", "train.metrics=[auto,top5,f1_macro,auroc,tests.metric_fns:record]", timeout=120)
-    assert p.returncode == 0, output(p)
+    with jobs.one_thread():
+        _, _, said = train_inproc(run_dir, *SMALL, "data.classes=7", "train.metrics=[auto,top5,f1_macro,auroc,tests.metric_fns:record]")
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     keys = [k for k in last if k.startswith("eval_")]
     assert keys == ["eval_loss", "eval_accuracy", "eval_top5", "eval_f1_macro", "eval_auroc", "eval_record", "eval_samples"]
     assert last["eval_record"] == 100.0 and 0.5 < last["eval_auroc"] <= 1.0
-    assert f"eval_f1_macro {last['eval_f1_macro']:.4f} | eval_auroc" in p.stdout, "the epoch line shows them"
-    pred = run([PY, "-m", "launch", "predict", str(run_dir), "--eval"], timeout=60)
-    assert pred.returncode == 0, output(pred)
-    got = json.loads(pred.stdout)
+    assert f"eval_f1_macro {last['eval_f1_macro']:.4f} | eval_auroc" in said, "the epoch line shows them"
+    code, out, err = predict(capsys, str(run_dir), "--eval")
+    assert code == 0, (out, err)
+    got = json.loads(out)
     for key in ("accuracy", "top5", "f1_macro", "auroc", "record"):
         assert got[key] == pytest.approx(last[f"eval_{key}"], rel=1e-6), key
-    pred = run([PY, "-m", "launch", "predict", str(run_dir), "--eval", "--metrics", "mae"], timeout=60)
-    assert pred.returncode == 2 and "mae does not fit" in pred.stderr, output(pred)
+    code, out, err = predict(capsys, str(run_dir), "--eval", "--metrics", "mae")
+    assert code == 2 and "mae does not fit" in err, (out, err)
     # train.metrics does not define the run: a rerun may change it (named in one line) and continue
-    again = single(run_dir, "data.classes=7", "train.epochs=3", "train.metrics=[auto,f1_macro]", timeout=120)
-    assert again.returncode == 0 and "train.metrics ['auto', 'top5', 'f1_macro', 'auroc', 'tests.metric_fns:record'] -> ['auto', 'f1_macro']" in again.stdout, output(again)
+    with jobs.one_thread():
+        _, _, again = train_inproc(run_dir, *SMALL, "data.classes=7", "train.epochs=3", "train.metrics=[auto,f1_macro]")
+    assert "train.metrics ['auto', 'top5', 'f1_macro', 'auroc', 'tests.metric_fns:record'] -> ['auto', 'f1_macro']" in again, again
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 2 and [k for k in last if k.startswith("eval_")] == ["eval_loss", "eval_accuracy", "eval_f1_macro", "eval_samples"]
