@@ -126,7 +126,8 @@ def test_stop_mid_epoch_and_rerun_is_bitwise_identical_ddp(ddp, ranks, stop_step
     base, _ = ddp
     out, name = base / f"out{ranks}", f"cut{ranks}"
     first = jobs.ended(out, name)
-    assert first["ended"] == "stopped" and f"at step {stop_step} (mid-epoch 1)" in first["message"], jobs.log(out, name)
+    assert first["ended"] == "stopped" and first["code"] == EXIT_STOPPED, jobs.log(out, name)
+    assert f"at step {stop_step} (mid-epoch 1)" in first["message"]
     assert jobs.ended(out, name, attempt=2)["ended"] == "done", jobs.log(out, name, attempt=2)
     assert f"(epoch 1, step {stop_step})" in jobs.log(out, name, attempt=2)
     assert_same_training_state(base / name, base / f"ddp{ranks}")
@@ -243,7 +244,7 @@ def test_global_batch_continues_the_same_run_at_another_world_size(ddp):
     out2, out3 = base / "out2", base / "out3"
     assert jobs.ended(out2, "gb_ref")["ended"] == "done", jobs.log(out2, "gb_ref")
     assert "train.global_batch=48 over 2 process(es): 24 per process x 1 accumulation step(s)" in jobs.log(out2, "gb_ref")
-    assert jobs.ended(out2, "gb_run")["ended"] == "stopped", jobs.log(out2, "gb_run")
+    assert jobs.ended(out2, "gb_run")["ended"] == "stopped" and jobs.ended(out2, "gb_run")["code"] == EXIT_STOPPED, jobs.log(out2, "gb_run")
     assert jobs.ended(out3, "gb_run")["ended"] == "done", jobs.log(out3, "gb_run")
     second = jobs.log(out3, "gb_run")
     assert "(epoch 1, step 11)" in second and "16 per process x 1 accumulation step(s)" in second
