@@ -3,9 +3,11 @@
 Starting processes that import torch, transformers and peft costs more than the tiny runs themselves,
 so `run_jobs(k, jobs, out)` spawns k ranks once and has them run `launch.train.loop.train` job after
 job on one process group, each job a fresh run (its own config, run directory, model and resume from
-disk, as a rerun of the command would have). A job is (name, overrides, LAUNCH_FAULT): a stop fault
-makes the run save and stop (launch.processes.stopping.Stopped), as a signal would. Each rank writes
-what it printed to <out>/<name>.<rank>.log and how the job ended to <out>/<name>.<rank>.json.
+disk, as a rerun of the command would have). A job is (name, overrides, LAUNCH_FAULT) or (name, overrides,
+LAUNCH_FAULT, env): a stop fault makes the run save and stop (launch.processes.stopping.Stopped), as a
+signal would; env (a dict) holds environment variables set for that job only. Overrides may start with
+"--config", FILE, as on the command line. Each rank writes what it printed to <out>/<name>.<rank>.log
+and how the job ended to <out>/<name>.<rank>.json (a stop with the exit code it would have given).
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def _worker(rank: int, k: int, port: int, jobs: list, out: str) -> None:
 
     rt = None
     seen: dict = {}
-    for name, overrides, fault in jobs:
-        cfg = config.load(None, overrides)
+    for name, overrides, fault, *job_env in jobs:
+        extra = {k: str(v) for k, v in (job_env[0] if job_env else {}).items()}
+        before = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)
+        cfg = config.load(overrides[1], overrides[2:]) if overrides[:1] == ["--config"] else config.load(None, overrides)
         rt = rt or dist_mod.setup(cfg, dist_mod.detect())
         os.environ["LAUNCH_FAULT"] = fault
         seen[name] = seen.get(name, 0) + 1
@@ -44,10 +49,15 @@ def _worker(rank: int, k: int, port: int, jobs: list, out: str) -> None:
                 train(cfg, rt)
                 ended = {"ended": "done"}
             except Stopped as e:
-                ended = {"ended": "stopped", "message": str(e)}
+                ended = {"ended": "stopped", "message": str(e), "code": e.code}
             except UserError as e:  # every rank meets it alike: the next job runs on
                 ended = {"ended": "error", "message": str(e)}
         Path(out, f"{tag}.json").write_text(json.dumps(ended))
+        for k, v in before.items():  # the job's env ends with it
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     os.environ.pop("LAUNCH_FAULT", None)
     dist_mod.teardown(rt)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -11,13 +13,39 @@ import time
 import pytest
 import torch
 
+from launch import config
 from launch.checkpoint import store
 from launch.errors import EXIT_STOPPED
 from launch.models.build import NeuralNetwork, clean_state_dict
-from tests.helpers import PY, ROOT, SMALL, env, output, run, single, spawn, torchrun
+from launch.processes import dist as dist_mod
+from launch.processes.stopping import Stopped
+from launch.train.loop import train
+from tests import jobs
+from tests.helpers import PY, ROOT, SMALL, env, output, single, torchrun
 
 # SMALL: 384 samples, batch 16 -> 24 steps per epoch single, 12 per epoch with 2 ranks, 8 with 3.
 EPOCHS3 = "train.epochs=3"
+MOMENTUM = (EPOCHS3, "train.momentum=0.9")
+DDP_CUT = (*MOMENTUM, "ckpt.every_steps=5", "train.check_every_steps=1")
+FROM3 = (EPOCHS3, "train.check_every_steps=1")
+GLOBAL = (EPOCHS3, "train.global_batch=48", "data.batch_size=32", "train.momentum=0.9", "train.check_every_steps=1")
+
+
+def here(run_dir, *overrides, fault: str = ""):
+    """`python train_single.py SMALL run.dir=RUN_DIR OVERRIDES` in this process, where no process boundary
+    is under test (the same loop; one thread, as OMP_NUM_THREADS=1 gives the subprocess). A fault is this
+    run's LAUNCH_FAULT. Returns (the Stopped it ended with or None, what it printed)."""
+    cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", *overrides])
+    out, ended = io.StringIO(), None
+    os.environ["LAUNCH_FAULT"] = fault
+    try:
+        with jobs.one_thread(), contextlib.redirect_stdout(out):
+            train(cfg, dist_mod.setup(cfg, dist_mod.DistEnv("plain")))
+    except Stopped as e:
+        ended = e
+    finally:
+        os.environ.pop("LAUNCH_FAULT", None)
+    return ended, out.getvalue()
 
 
 def final_state(run_dir):
@@ -48,45 +76,64 @@ def steps_in_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted runs to compare against: single process, 2 and 3 ranks, momentum on."""
+    """The uninterrupted single-process run to compare against, momentum on."""
     base = tmp_path_factory.mktemp("ref")
-    p1 = single(base / "single", EPOCHS3, "train.momentum=0.9")
-    p2 = spawn(2, base / "ddp2", EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5")
-    p3 = spawn(3, base / "ddp3", EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5")
-    for p in (p1, p2, p3):
-        assert p.returncode == 0, output(p)
+    ended, out = here(base / "single", *MOMENTUM)
+    assert ended is None, out
     return base
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Every multi-process training run of this file on one set of 2 and one of 3 spawned gloo ranks
+    (tests/jobs.py; each a fresh run, resumed from disk): the uninterrupted 2- and 3-rank references
+    (ckpt.every_steps=5), the stopped-and-rerun runs, the global-batch runs and the 2-rank continuation
+    of a 3-rank checkpoint. That checkpoint comes first, from a real torchrun (how a stop ends under
+    torchrun is asserted on it). Returns (base, the torchrun process)."""
+    base = tmp_path_factory.mktemp("ddp")
+    stop3 = torchrun(3, base / "a", *FROM3, LAUNCH_FAULT="stop:step=12")  # mid-epoch 1 (8 steps per epoch)
+    at = lambda name: f"run.dir={base / name}"  # noqa: E731
+    ref = lambda name: [*SMALL, *MOMENTUM, "ckpt.every_steps=5", at(name)]  # noqa: E731
+    cut = lambda name: [*SMALL, *DDP_CUT, at(name)]  # noqa: E731
+    gb = lambda name: [*SMALL, *GLOBAL, at(name)]  # noqa: E731
+    jobs.run_jobs(2, [("ddp2", ref("ddp2"), ""), ("cut2", cut("cut2"), "stop:step=17"), ("cut2", cut("cut2"), ""),
+                      ("from3", [*SMALL, *FROM3, f"ckpt.resume={base / 'a' / 'checkpoints' / 'step_00000012.pt'}", at("from3")], ""),
+                      ("gb_ref", gb("gb_ref"), ""), ("gb_run", gb("gb_run"), "stop:step=11")], base / "out2")
+    jobs.run_jobs(3, [("ddp3", ref("ddp3"), ""), ("cut3", cut("cut3"), "stop:step=11"), ("cut3", cut("cut3"), ""),
+                      ("gb_run", gb("gb_run"), "")], base / "out3")
+    return base, stop3
 
 
 @pytest.mark.parametrize("stop_step,where", [(24, "after epoch 0"), (30, "mid-epoch 1")])
 def test_stop_and_rerun_is_bitwise_identical_single(reference, tmp_path, stop_step, where):
-    args = (EPOCHS3, "train.momentum=0.9", "train.check_every_steps=1")
-    first = single(tmp_path, *args, LAUNCH_FAULT=f"stop:step={stop_step}")
-    assert first.returncode == EXIT_STOPPED, output(first)
-    assert f"at step {stop_step} ({where})" in first.stderr
+    args = (*MOMENTUM, "train.check_every_steps=1")
+    first, out = here(tmp_path, *args, fault=f"stop:step={stop_step}")
+    assert first is not None and first.code == EXIT_STOPPED, out
+    assert f"at step {stop_step} ({where})" in str(first)
     assert store.read_latest(store.checkpoint_dir(tmp_path)) == f"step_{stop_step:08d}.pt"
-    second = single(tmp_path, *args)  # the same command again
-    assert second.returncode == 0, output(second)
-    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stop_step:08d}.pt'}" in second.stdout
+    second, out = here(tmp_path, *args)  # the same command again
+    assert second is None, out
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stop_step:08d}.pt'}" in out
     assert_same_training_state(tmp_path, reference / "single")
     assert steps_in_metrics(tmp_path) == [24, 48, 72], "one metrics record per epoch, none duplicated"
 
 
 @pytest.mark.parametrize("ranks,stop_step", [(2, 17), (3, 11)])
-def test_stop_mid_epoch_and_rerun_is_bitwise_identical_ddp(reference, tmp_path, ranks, stop_step):
+def test_stop_mid_epoch_and_rerun_is_bitwise_identical_ddp(ddp, ranks, stop_step):
     """From three ranks on, gloo's sum of an element depends on where it lies in DDP's gradient bucket:
     a resumed run must use the same bucket layout as the uninterrupted one from its first step on
     (launch.parallel.ddp.settle_buckets); without it the 3-rank run is off by 6e-8."""
-    args = (EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5", "train.check_every_steps=1")
-    first = spawn(ranks, tmp_path, *args, LAUNCH_FAULT=f"stop:step={stop_step}")
-    assert first.returncode == EXIT_STOPPED, output(first)
-    second = spawn(ranks, tmp_path, *args)
-    assert second.returncode == 0, output(second)
-    assert f"(epoch 1, step {stop_step})" in second.stdout
-    assert_same_training_state(tmp_path, reference / f"ddp{ranks}")
+    base, _ = ddp
+    out, name = base / f"out{ranks}", f"cut{ranks}"
+    first = jobs.ended(out, name)
+    assert first["ended"] == "stopped" and first["code"] == EXIT_STOPPED, jobs.log(out, name)
+    assert f"at step {stop_step} (mid-epoch 1)" in first["message"]
+    assert jobs.ended(out, name, attempt=2)["ended"] == "done", jobs.log(out, name, attempt=2)
+    assert f"(epoch 1, step {stop_step})" in jobs.log(out, name, attempt=2)
+    assert_same_training_state(base / name, base / f"ddp{ranks}")
 
 
-def test_elastic_restart_resumes_from_latest(reference, tmp_path):
+def test_elastic_restart_resumes_from_latest(ddp, tmp_path):
     """kill -9 one rank; torchrun restarts the group, which resumes instead of starting at step 0."""
     p = torchrun(
         2, tmp_path, EPOCHS3, "train.momentum=0.9", "ckpt.every_steps=5",
@@ -95,7 +142,7 @@ def test_elastic_restart_resumes_from_latest(reference, tmp_path):
     assert p.returncode == 0, output(p)
     assert "torchrun restart 1 (TORCHELASTIC_RESTART_COUNT)" in p.stdout
     assert "resumed from" in p.stdout and "(epoch 1, step 20)" in p.stdout
-    assert_same_training_state(tmp_path, reference / "ddp2")
+    assert_same_training_state(tmp_path, ddp[0] / "ddp2")
 
 
 def test_kill_during_save_keeps_previous_checkpoint(reference, tmp_path):
@@ -111,23 +158,23 @@ def test_kill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     assert not (ckdir / "step_00000048.pt").exists(), "no half-written file under a final name"
     assert store.read_latest(ckdir) == "step_00000024.pt"
     store.load(ckdir / "step_00000024.pt")  # the previous checkpoint is intact
-    again = run(args)
-    assert again.returncode == 0, output(again)
-    assert "(epoch 1, step 24)" in again.stdout
+    ended, out = here(tmp_path, *MOMENTUM, "ckpt.every_steps=0")  # the same command again (in this process)
+    assert ended is None, out
+    assert "(epoch 1, step 24)" in out
     assert not list(ckdir.glob(".*.tmp-*")), "stale temporaries are cleaned up"
     assert_same_training_state(tmp_path, reference / "single")
 
 
 def test_truncated_newest_falls_back_to_previous(reference, tmp_path):
-    args = (EPOCHS3, "train.momentum=0.9", "train.check_every_steps=1")
-    first = single(tmp_path, *args, "ckpt.every_steps=10", LAUNCH_FAULT="stop:step=40")
-    assert first.returncode == EXIT_STOPPED, output(first)
+    args = (*MOMENTUM, "train.check_every_steps=1")
+    first, out = here(tmp_path, *args, "ckpt.every_steps=10", fault="stop:step=40")
+    assert first is not None and first.code == EXIT_STOPPED, out
     newest = tmp_path / "checkpoints" / "step_00000040.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    second = single(tmp_path, *args, "ckpt.every_steps=10")
-    assert second.returncode == 0, output(second)
-    assert f"checkpoint {newest}: unreadable" in second.stdout and "falling back to the previous checkpoint" in second.stdout
-    assert "(epoch 1, step 30)" in second.stdout
+    second, out = here(tmp_path, *args, "ckpt.every_steps=10")
+    assert second is None, out
+    assert f"checkpoint {newest}: unreadable" in out and "falling back to the previous checkpoint" in out
+    assert "(epoch 1, step 30)" in out
     assert_same_training_state(tmp_path, reference / "single")
 
 
@@ -151,10 +198,6 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 @pytest.mark.parametrize("kind", ["foreign", "truncated", "shape"])
 def test_bad_checkpoint_given_explicitly_names_file_and_reason(reference, tmp_path, kind):
     # In-process (the one-line/exit-2 path itself is covered by the pickle test above).
-    from launch import config
-    from launch.processes import dist as dist_mod
-    from launch.train.loop import train
-
     src = reference / "single" / "checkpoints" / store.read_latest(reference / "single" / "checkpoints")
     bad = tmp_path / "bad.pt"
     if kind == "foreign":
@@ -175,40 +218,38 @@ def test_bad_checkpoint_given_explicitly_names_file_and_reason(reference, tmp_pa
     assert bad.stat().st_size > 0 and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(tmp_path):
-    args = (EPOCHS3, "train.check_every_steps=1")
-    first = torchrun(3, tmp_path / "a", *args, LAUNCH_FAULT="stop:step=12")  # mid-epoch 1 (8 steps per epoch)
+def test_ddp_checkpoint_resumes_in_single_process_and_other_world_size(ddp, tmp_path):
+    base, first = ddp  # stopped by torchrun at 3 ranks, mid-epoch 1 (8 steps per epoch)
     assert first.returncode == 0, output(first)  # under torchrun a stop exits 0 (a failure would be restarted)
     assert "stopped by SIGTERM at step 12 (mid-epoch 1); checkpoint saved" in first.stderr, output(first)
-    assert "stopped by SIGTERM at step 12" in (tmp_path / "a" / "STOPPED").read_text()
-    ck = store.load(tmp_path / "a" / "checkpoints" / "step_00000012.pt")
+    assert "stopped by SIGTERM at step 12" in (base / "a" / "STOPPED").read_text()
+    ck = store.load(base / "a" / "checkpoints" / "step_00000012.pt")
     assert ck["world_size"] == 3 and ck["samples_in_epoch"] == 4 * 16 * 3
-    # the same checkpoint, continued by one process and by two
-    for name, launch in (("single", lambda d: single(d, *args, f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000012.pt'}")),
-                         ("ddp2", lambda d: spawn(2, d, *args, f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000012.pt'}"))):
-        p = launch(tmp_path / name)
-        assert p.returncode == 0, output(p)
-        assert "written with world size 3" in p.stdout
-        assert "(epoch 1, step 12)" in p.stdout
-        k = 1 if name == "single" else 2  # the same 16 per process: a smaller global batch, named as the change it is
-        assert f"the global batch 48 (16 per process x 3 process(es) x 1 accumulation step(s)) -> {16 * k} (16 per process x {k}" in p.stdout, p.stdout
-        NeuralNetwork(16, [32, 16], 2).load_state_dict(torch.load(tmp_path / name / "model.pt", weights_only=True), strict=True)
+    # the same checkpoint, continued by one process (here) and by two (the 2-rank jobs)
+    ended, out = here(tmp_path / "single", *FROM3, f"ckpt.resume={base / 'a' / 'checkpoints' / 'step_00000012.pt'}")
+    assert ended is None, out
+    assert jobs.ended(base / "out2", "from3")["ended"] == "done", jobs.log(base / "out2", "from3")
+    for k, text, run_dir in ((1, out, tmp_path / "single"), (2, jobs.log(base / "out2", "from3"), base / "from3")):
+        assert "written with world size 3" in text
+        assert "(epoch 1, step 12)" in text
+        # the same 16 per process: a smaller global batch, named as the change it is
+        assert f"the global batch 48 (16 per process x 3 process(es) x 1 accumulation step(s)) -> {16 * k} (16 per process x {k}" in text, text
+        NeuralNetwork(16, [32, 16], 2).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True), strict=True)
 
 
-def test_global_batch_continues_the_same_run_at_another_world_size(tmp_path):
+def test_global_batch_continues_the_same_run_at_another_world_size(ddp):
     """train.global_batch: stopped at 2 ranks (24 per process), resumed at 3 (16 per process), the
     run takes the same steps on the same samples as the uninterrupted one (summed in another order)."""
-    args = (EPOCHS3, "train.global_batch=48", "data.batch_size=32", "train.momentum=0.9", "train.check_every_steps=1")
-    ref = spawn(2, tmp_path / "ref", *args)
-    assert ref.returncode == 0, output(ref)
-    assert "train.global_batch=48 over 2 process(es): 24 per process x 1 accumulation step(s)" in ref.stdout
-    first = spawn(2, tmp_path / "run", *args, LAUNCH_FAULT="stop:step=11")
-    assert first.returncode == EXIT_STOPPED, output(first)
-    second = spawn(3, tmp_path / "run", *args)
-    assert second.returncode == 0, output(second)
-    assert "(epoch 1, step 11)" in second.stdout and "16 per process x 1 accumulation step(s)" in second.stdout
-    assert "changed on resume" not in second.stdout, "the same global batch is not a change"
-    (ca, wa), (cb, wb) = final_state(tmp_path / "ref"), final_state(tmp_path / "run")
+    base, _ = ddp
+    out2, out3 = base / "out2", base / "out3"
+    assert jobs.ended(out2, "gb_ref")["ended"] == "done", jobs.log(out2, "gb_ref")
+    assert "train.global_batch=48 over 2 process(es): 24 per process x 1 accumulation step(s)" in jobs.log(out2, "gb_ref")
+    assert jobs.ended(out2, "gb_run")["ended"] == "stopped" and jobs.ended(out2, "gb_run")["code"] == EXIT_STOPPED, jobs.log(out2, "gb_run")
+    assert jobs.ended(out3, "gb_run")["ended"] == "done", jobs.log(out3, "gb_run")
+    second = jobs.log(out3, "gb_run")
+    assert "(epoch 1, step 11)" in second and "16 per process x 1 accumulation step(s)" in second
+    assert "changed on resume" not in second, "the same global batch is not a change"
+    (ca, wa), (cb, wb) = final_state(base / "gb_ref"), final_state(base / "gb_run")
     assert ca["step"] == cb["step"] == 24
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
@@ -223,8 +264,8 @@ def test_global_batch_splits_into_the_fewest_accumulation_steps():
         split(48, 5, 32)
 
 
-def test_checkpoint_is_plain_tensors_and_prefix_free(reference):
-    ck_dir = reference / "ddp2" / "checkpoints"
+def test_checkpoint_is_plain_tensors_and_prefix_free(ddp):
+    ck_dir = ddp[0] / "ddp2" / "checkpoints"
     ck = torch.load(ck_dir / store.read_latest(ck_dir), weights_only=True)  # raises if anything is pickled
     for key in ("model", "optimizer", "scheduler", "epoch", "step", "samples_in_epoch", "rng", "config", "world_size"):
         assert key in ck
@@ -254,9 +295,9 @@ def test_foreign_run_directory_is_refused_and_never_overwritten(reference, tmp_p
     assert len(p.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
     # told to start fresh: the previous run is moved aside as a whole, never deleted (tests/test_integrity.py checks every file)
-    fresh = single(tmp_path / "run", "train.epochs=1", "train.lr=0.3", "ckpt.resume=never")
-    assert fresh.returncode == 0, output(fresh)
-    assert "resumed from" not in fresh.stdout
+    ended, out = here(tmp_path / "run", "train.epochs=1", "train.lr=0.3", "ckpt.resume=never")
+    assert ended is None, out
+    assert "resumed from" not in out
     moved = list((tmp_path / "run").glob("previous-*"))
     assert len(moved) == 1 and sorted(p.name for p in (moved[0] / "checkpoints").iterdir()) == before
 
@@ -273,9 +314,9 @@ def test_a_checkpoint_written_before_the_restructure_resumes_after_it(tmp_path):
 
     fixtures = ROOT / "tests" / "fixtures"
     shutil.copytree(fixtures / "pre_split_run", tmp_path / "run")
-    p = single(tmp_path / "run", "train.device=cpu")
-    assert p.returncode == 0, output(p)
-    assert "resumed from" in p.stdout and "step 30" in p.stdout
+    ended, out = here(tmp_path / "run", "train.device=cpu")  # `python train_single.py SMALL`, in this process
+    assert ended is None, out
+    assert "resumed from" in out and "step 30" in out
     old = torch.load(fixtures / "pre_split_model.pt", weights_only=True)
     new = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert old.keys() == new.keys()

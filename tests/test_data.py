@@ -1,12 +1,16 @@
 """Real datasets (csv, npz, mnist), the shipped dataset, logging extras, plot and predict.
 
-Training runs are real processes (single and `train_ddp.py --nproc 2`) on files the tests write;
-loader details are checked in-process on real files."""
+Training runs on files the tests write: one process in this one, 2 ranks as real spawned gloo ranks
+(tests/jobs.py); `launch predict` and `launch plot` run their command lines in this process. What a
+command line does with bad input (one line, exit 2) is checked on real processes; loader details are
+checked in-process on real files."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import io
 import json
 import math
 
@@ -17,7 +21,11 @@ import torch
 from launch import config as config_mod
 from launch.data.build import build_data as build
 from launch.errors import UserError
+from launch.processes.dist import DistEnv, setup
+from launch.train.loop import train
+from tests import jobs
 from tests.helpers import PY, ROOT, output, run
+from tests.test_models import launch_inproc
 
 SHIPPED = ["--config", "configs/breast_cancer.yaml", "ckpt.resume=never", "train.device=cpu"]
 SHIPPED_FLOOR = 0.90  # it reaches 0.96-0.98 (single and DDP); the floor only has to catch a broken pipeline
@@ -39,7 +47,7 @@ def one_error_line(p) -> str:
 
 
 def predict(*args):
-    return run([PY, "-m", "launch", "predict", *map(str, args)])
+    return launch_inproc("predict", *args)
 
 
 def write_species_csv(path, n=240, seed=0):
@@ -60,17 +68,40 @@ def write_species_csv(path, n=240, seed=0):
     return rows
 
 
+SPECIES = ["data.name=csv", "data.target=species", "data.ignore=[id]", "data.val_fraction=0.25", "data.seed=7", "model.hidden=[16]",
+           "data.batch_size=16", "train.epochs=4", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """The `train_ddp.py --nproc 2` runs of this file, as jobs on one pair of spawned gloo ranks: the
+    shipped dataset (bc2) and the species CSV (run). Returns (their directory, the CSV's rows)."""
+    base = tmp_path_factory.mktemp("data_two")
+    rows = write_species_csv(base / "species.csv")
+    jobs.run_jobs(2, [("bc2", [*SHIPPED, f"run.dir={base / 'bc2'}"], ""),
+                      ("run", [*SPECIES, f"data.path={base / 'species.csv'}", f"run.dir={base / 'run'}"], "")], base / "out")
+    return base, rows
+
+
+def done(two, name: str):
+    base = two[0]
+    assert jobs.ended(base / "out", name)["ended"] == "done", jobs.log(base / "out", name)
+    return base / name
+
+
 # --------------------------------------------------------------------------- the shipped dataset
 
 
 def test_shipped_dataset_single_with_tensorboard_plot_and_eval_only(tmp_path):
     run_dir = tmp_path / "bc"
-    p = run([PY, "train_single.py", *SHIPPED, f"run.dir={run_dir}", "log.tensorboard=true", "log.every_steps=10"])
-    assert p.returncode == 0, output(p)
+    cfg = config_mod.load(SHIPPED[1], [*SHIPPED[2:], f"run.dir={run_dir}", "log.tensorboard=true", "log.every_steps=10"])
+    out = io.StringIO()
+    with jobs.one_thread(), contextlib.redirect_stdout(out):  # `python train_single.py --config ...`, in this process
+        train(cfg, setup(cfg, DistEnv("plain")))
     rec = last_epoch(run_dir)
     assert rec["eval_accuracy"] >= SHIPPED_FLOOR and rec["eval_samples"] == 114, rec  # 20% of 569 held out
     assert rec["rss_mb"] > 50 and rec["cpu_percent"] > 0 and rec["grad_norm"] > 0, rec
-    assert "rss" in p.stdout and "cpu" in p.stdout  # the epoch line carries them too
+    assert "rss" in out.getvalue() and "cpu" in out.getvalue()  # the epoch line carries them too
     # log.every_steps: step records at steps 10, 20, ... between the epoch records
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "train_loss_step" in l]
     assert [s["step"] for s in steps] == list(range(10, rec["step"] + 1, 10))
@@ -92,15 +123,13 @@ def test_shipped_dataset_single_with_tensorboard_plot_and_eval_only(tmp_path):
     assert math.isclose(got["loss"], rec["eval_loss"], rel_tol=1e-6), (got, rec)
     # launch plot writes a PNG
     png = tmp_path / "curves.png"
-    q = run([PY, "-m", "launch", "plot", str(run_dir), "-o", str(png)])
+    q = launch_inproc("plot", run_dir, "-o", png)
     assert q.returncode == 0, output(q)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_shipped_dataset_ddp(tmp_path):
-    run_dir = tmp_path / "bc2"
-    p = run([PY, "train_ddp.py", "--nproc", "2", *SHIPPED, f"run.dir={run_dir}"])
-    assert p.returncode == 0, output(p)
+def test_shipped_dataset_ddp(two):
+    run_dir = done(two, "bc2")
     rec = last_epoch(run_dir)
     assert rec["world_size"] == 2 and rec["eval_samples"] == 114
     assert rec["eval_accuracy"] >= SHIPPED_FLOOR, rec
@@ -111,14 +140,9 @@ def test_shipped_dataset_ddp(tmp_path):
 # --------------------------------------------------------------------------- csv
 
 
-def test_csv_string_labels_ddp_mapping_scaler_and_predict(tmp_path):
-    data = tmp_path / "species.csv"
-    rows = write_species_csv(data)
-    run_dir = tmp_path / "run"
-    p = run([PY, "train_ddp.py", "--nproc", "2", f"run.dir={run_dir}", "data.name=csv", f"data.path={data}", "data.target=species",
-             "data.ignore=[id]", "data.val_fraction=0.25", "data.seed=7", "model.hidden=[16]", "data.batch_size=16",
-             "train.epochs=4", "train.device=cpu"])
-    assert p.returncode == 0, output(p)
+def test_csv_string_labels_ddp_mapping_scaler_and_predict(two, tmp_path):
+    rows = two[1]
+    run_dir = done(two, "run")
     state = latest_checkpoint(run_dir)["data_state"]  # loads with weights_only=True: plain types only
     assert state["class_names"] == ["ant", "bee", "cat"] and state["target"] == "species"
     assert state["feature_columns"] == ["f1", "f2", "f3", "f4"]

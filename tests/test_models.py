@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from launch.errors import UserError
 from launch.observe.logger import read_metrics
 from launch.processes.dist import DistEnv, setup
 from launch.train.loop import train
+from tests import jobs
 from tests.helpers import PY, output, run
 
 # A BatchNorm CNN on random-flipped, random-shifted images. 97 samples: with 2 ranks of 8 and two
@@ -31,7 +33,7 @@ VISION = [
 def train_inproc(run_dir, *overrides):
     cfg = config.load(None, [f"run.dir={run_dir}", *overrides])
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with jobs.one_thread(), contextlib.redirect_stdout(out):
         result = train(cfg, setup(cfg, DistEnv("plain")))
     return result, torch.load(run_dir / "model.pt", weights_only=True), out.getvalue()
 
@@ -45,10 +47,62 @@ def max_diff(a: dict, b: dict, keys=None) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in (keys or a))
 
 
+def launch_inproc(*args) -> subprocess.CompletedProcess:
+    """`python -m launch ARGS` in this process (no process boundary is under test): its command line,
+    exit code, stdout and stderr, as the finished process would give them."""
+    from launch.commands import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with jobs.one_thread(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["launch", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def predict_eval(run_dir) -> dict:
-    p = run([PY, "-m", "launch", "predict", str(run_dir / "model.pt"), "--eval"])
+    p = launch_inproc("predict", run_dir / "model.pt", "--eval")
     assert p.returncode == 0, output(p)
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# dropout, BatchNorm and worker augmentation, killed between checkpoints (test_ddp_resume_after_kill_...)
+KILLED = [*VISION, "model.kwargs={width: 8, blocks: 1, dropout: 0.3}", "data.batch_size=8", "data.num_workers=2", "ckpt.every_steps=3"]
+HF_LIKE = ["model.name=tests.user_models:MappingLM", "model.kwargs={config: {_target_: tests.user_models:LMConfig, width: 16}}",
+           "data.name=tests.user_models:HFLabels", "train.optimizer=sgd", "train.lr=0.5", "log.progress=false", "train.device=cpu"]
+OWN = [*HF_LIKE, "model.loss_arg=labels", "model.loss_reduction=mean_shifted", "train.epochs=2"]
+UNUSED = ["model.name=tests.user_models:Unused", "data.n_train=64", "data.n_eval=16", "data.features=16",
+          "data.batch_size=8", "log.progress=false", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Every 2-rank run of this file whose point is what the training computes, on one pair of spawned
+    gloo ranks (tests/jobs.py: each job a fresh run, resumed from disk). First, with a real launcher,
+    the run whose rank 1 is killed (-9) at step 8; its rerun is a job. Returns (base, the killed process)."""
+    base = tmp_path_factory.mktemp("two")
+    (base / "probe").mkdir()
+    killed = spawn(2, base / "killed", *KILLED, LAUNCH_FAULT="kill:step=8:rank=1")
+    at = lambda name: f"run.dir={base / name}"  # noqa: E731
+    jobs.run_jobs(2, [
+        ("bn", [*VISION, "data.batch_size=8", "data.num_workers=2", at("bn")], ""),
+        ("nosync", [*VISION, "data.batch_size=8", "dist.sync_batchnorm=false", at("nosync")], ""),
+        ("dropout", ["model.name=tests.user_models:DropoutProbe", "data.n_train=64", "data.n_eval=16", "data.features=16",
+                     "data.batch_size=8", "train.epochs=1", "log.progress=false", "train.device=cpu", at("dropout")], "", {"PROBE_DIR": base / "probe"}),
+        ("kill_ref", [*KILLED, at("kill_ref")], ""),
+        ("killed", [*KILLED, at("killed")], ""),  # the same command again, after the kill
+        ("own", [*OWN, "data.batch_size=8", at("own")], ""),
+        ("unused_ok", [*UNUSED, "dist.find_unused_parameters=true", "train.epochs=1", at("unused_ok")], ""),
+    ], base / "out")
+    return base, killed
+
+
+def done(two, name: str) -> str:
+    """What rank 0 of job `name` printed, once it is known to have finished."""
+    out = two[0] / "out"
+    assert jobs.ended(out, name)["ended"] == "done", jobs.log(out, name)
+    return jobs.log(out, name)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +111,12 @@ def vision_one(tmp_path_factory):
     return train_inproc(d, *VISION, "data.batch_size=16", "data.num_workers=0") + (d,)
 
 
-def test_batchnorm_and_augmentation_in_workers_ddp_equals_one_process(vision_one, tmp_path):
+def test_batchnorm_and_augmentation_in_workers_ddp_equals_one_process(vision_one, two):
     """Global BatchNorm statistics (also over the uneven last step's stand-in and across accumulation),
     and a sample's flip and shift the same whoever loads it: 2 ranks x 2 workers = 1 process, no workers."""
     one, w1, _, _ = vision_one
-    p = spawn(2, tmp_path, *VISION, "data.batch_size=8", "data.num_workers=2")
-    assert p.returncode == 0, output(p)
+    done(two, "bn")
+    tmp_path = two[0] / "bn"
     w2 = torch.load(tmp_path / "model.pt", weights_only=True)
     stats = [k for k in w1 if "running" in k]
     assert stats and max_diff(w1, w2, stats) <= 1e-5, "running statistics"
@@ -73,46 +127,38 @@ def test_batchnorm_and_augmentation_in_workers_ddp_equals_one_process(vision_one
     assert predict_eval(tmp_path)["loss"] == pytest.approx(rec["eval_loss"], abs=1e-6)
 
 
-def test_without_global_statistics_the_run_says_so_and_evaluates_the_saved_model(vision_one, tmp_path):
+def test_without_global_statistics_the_run_says_so_and_evaluates_the_saved_model(vision_one, two):
     _, w1, _, _ = vision_one
-    p = spawn(2, tmp_path, *VISION, "data.batch_size=8", "dist.sync_batchnorm=false")
-    assert p.returncode == 0, output(p)
-    first = p.stdout.splitlines()[0]
-    assert "dist.sync_batchnorm=false" in first and "differ from one process" in first, output(p)
+    said = done(two, "nosync")
+    tmp_path = two[0] / "nosync"
+    first = said.splitlines()[0]
+    assert "dist.sync_batchnorm=false" in first and "differ from one process" in first, said
     w2 = torch.load(tmp_path / "model.pt", weights_only=True)
     assert max_diff(w1, w2) > 1e-3  # what global statistics fix (0.2 and more after a few epochs)
     assert predict_eval(tmp_path)["loss"] == pytest.approx(read_metrics(tmp_path)[-1]["eval_loss"], abs=1e-6)
 
 
-def test_each_rank_draws_its_own_dropout_masks(tmp_path):
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    p = spawn(2, tmp_path / "run", "model.name=tests.user_models:DropoutProbe", "data.n_train=64", "data.n_eval=16",
-              "data.features=16", "data.batch_size=8", "train.epochs=1", "log.progress=false", "train.device=cpu", PROBE_DIR=probe)
-    assert p.returncode == 0, output(p)
+def test_each_rank_draws_its_own_dropout_masks(two):
+    done(two, "dropout")
+    probe = two[0] / "probe"
     masks = [torch.load(probe / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert masks[0].shape == masks[1].shape and not torch.equal(masks[0], masks[1])
 
 
-def test_ddp_resume_after_kill_is_bitwise_with_dropout_batchnorm_and_worker_augmentation(tmp_path):
+def test_ddp_resume_after_kill_is_bitwise_with_dropout_batchnorm_and_worker_augmentation(two):
     """Every rank's generator is saved and restored to that rank; the workers' augmentation is a function
     of (seed, epoch, index). Killed (-9) mid-run between checkpoints, then rerun: the same weights bit for bit."""
-    common = [*VISION, "model.kwargs={width: 8, blocks: 1, dropout: 0.3}", "data.batch_size=8", "data.num_workers=2", "ckpt.every_steps=3"]
-    ref = spawn(2, tmp_path / "ref", *common)
-    assert ref.returncode == 0, output(ref)
-    killed = spawn(2, tmp_path / "run", *common, LAUNCH_FAULT="kill:step=8:rank=1")
+    base, killed = two
     assert killed.returncode != 0, output(killed)
-    again = spawn(2, tmp_path / "run", *common)
-    assert again.returncode == 0 and "resumed from" in again.stdout and "step 6" in again.stdout, output(again)
-    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "ref", tmp_path / "run"))
+    again = done(two, "killed")
+    assert "resumed from" in again and "step 6" in again, again
+    done(two, "kill_ref")  # the uninterrupted run
+    a, b = (torch.load(base / d / "model.pt", weights_only=True) for d in ("kill_ref", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_metrics(tmp_path / "ref")[-1]["train_loss"] == read_metrics(tmp_path / "run")[-1]["train_loss"]
+    assert read_metrics(base / "kill_ref")[-1]["train_loss"] == read_metrics(base / "killed")[-1]["train_loss"]
 
 
 # --------------------------------------------------------------------------- model outputs and own losses
-
-HF_LIKE = ["model.name=tests.user_models:MappingLM", "model.kwargs={config: {_target_: tests.user_models:LMConfig, width: 16}}",
-           "data.name=tests.user_models:HFLabels", "train.optimizer=sgd", "train.lr=0.5", "log.progress=false", "train.device=cpu"]
 
 
 def test_a_mapping_output_is_read_by_its_logits_and_the_constructor_takes_a_built_config(tmp_path):
@@ -122,17 +168,16 @@ def test_a_mapping_output_is_read_by_its_logits_and_the_constructor_takes_a_buil
     assert result["eval_accuracy"] > 0.3
 
 
-def test_an_own_mean_loss_over_shifted_labels_is_weighted_by_tokens_exactly_under_ddp(tmp_path):
+def test_an_own_mean_loss_over_shifted_labels_is_weighted_by_tokens_exactly_under_ddp(two, tmp_path):
     """model.loss_arg=labels, loss_reduction=mean_shifted: the model's mean times its own count of
     (shifted, non-ignored) labels, so 2 ranks whose token counts differ equal one process."""
-    own = [*HF_LIKE, "model.loss_arg=labels", "model.loss_reduction=mean_shifted", "train.epochs=2"]
+    own = OWN
     one, w1, out = train_inproc(tmp_path / "one", *own, "data.batch_size=16")
     assert "the model's own (model.loss_arg=labels, a mean over the targets shifted by one" in out
-    p = spawn(2, tmp_path / "two", *own, "data.batch_size=8")
-    assert p.returncode == 0, output(p)
-    w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    done(two, "own")
+    w2 = torch.load(two[0] / "own" / "model.pt", weights_only=True)
     assert max_diff(w1, w2) <= 1e-5
-    rec = read_metrics(tmp_path / "two")[-1]
+    rec = read_metrics(two[0] / "own")[-1]
     assert rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
     # the logged eval loss does not depend on the evaluation batch size (a mean of means would)
     again, _, _ = train_inproc(tmp_path / "again", *own, "data.batch_size=16", "data.eval_batch_size=7")
@@ -166,15 +211,13 @@ def test_model_outputs_without_a_usable_tensor_name_the_way_out():
 # --------------------------------------------------------------------------- first-hour mistakes
 
 
-def test_unused_parameters_under_ddp_are_one_line_naming_the_setting(tmp_path):
-    p = spawn(2, tmp_path, "model.name=tests.user_models:Unused", "data.n_train=64", "data.n_eval=16", "data.features=16",
-              "data.batch_size=8", "log.progress=false", "train.device=cpu")
+def test_unused_parameters_under_ddp_are_one_line_naming_the_setting(two, tmp_path):
+    # the refusal through a real launcher (its exit code and its one line on stderr); the cure as a job
+    p = spawn(2, tmp_path, *UNUSED)
     assert p.returncode == 2, output(p)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "spare.weight" in lines[0] and "dist.find_unused_parameters=true" in lines[0], output(p)
-    ok = spawn(2, tmp_path / "ok", "model.name=tests.user_models:Unused", "data.n_train=64", "data.n_eval=16", "data.features=16",
-               "data.batch_size=8", "log.progress=false", "train.device=cpu", "dist.find_unused_parameters=true", "train.epochs=1")
-    assert ok.returncode == 0, output(ok)
+    done(two, "unused_ok")
 
 
 def test_numpy_items_are_accepted_as_default_collate_accepts_them(tmp_path):

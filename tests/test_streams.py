@@ -19,6 +19,7 @@ from launch.errors import UserError
 from launch.examples import token_stream
 from launch.observe.logger import read_metrics
 from launch.processes.stopping import Stopped
+from tests import jobs
 from tests.helpers import output
 from tests.test_models import max_diff, spawn, train_inproc
 from tests.user_models import CountingStream, Tokens
@@ -62,13 +63,34 @@ def stream_one(tmp_path_factory):
     return train_inproc(tmp_path_factory.mktemp("stream_one"), *STREAM, "data.batch_size=16")
 
 
-def test_a_stream_under_ddp_equals_one_process(stream_one, tmp_path):
+VAR = [*SEQ, "data.name=tests.user_models:VarLen", "data.collate=tests.user_models:pad", "train.epochs=2"]
+SHARDED = [*STREAM, "data.name=tests.test_streams:RankSharded", "data.batch_size=8", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """The 2-rank runs of this file that need no launcher of their own, as jobs on one pair of spawned
+    gloo ranks (tests/jobs.py). Returns the directory that holds their run directories."""
+    base = tmp_path_factory.mktemp("two")
+    at = lambda name: f"run.dir={base / name}"  # noqa: E731
+    jobs.run_jobs(2, [("stream", [*STREAM, "data.batch_size=8", at("stream")], ""),
+                      ("varlen", [*VAR, "data.batch_size=8", "data.num_workers=1", at("varlen")], ""),
+                      ("sharded", [*SHARDED, at("sharded")], "")], base / "out")
+    return base
+
+
+def done(base, name: str):
+    """The run directory of job `name`, once it is known to have finished."""
+    assert jobs.ended(base / "out", name)["ended"] == "done", jobs.log(base / "out", name)
+    return base / name
+
+
+def test_a_stream_under_ddp_equals_one_process(stream_one, two):
     one, w1, _ = stream_one
-    p = spawn(2, tmp_path / "two", *STREAM, "data.batch_size=8")
-    assert p.returncode == 0, output(p)
-    w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    run_dir = done(two, "stream")
+    w2 = torch.load(run_dir / "model.pt", weights_only=True)
     assert max_diff(w1, w2) <= 1e-6
-    rec = read_metrics(tmp_path / "two")[-1]
+    rec = read_metrics(run_dir)[-1]
     assert rec["epoch"] == 1 and rec["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
 
 
@@ -121,14 +143,12 @@ def test_max_steps_cuts_an_epoch_and_raising_it_continues_exactly(tmp_path):
     assert all(torch.equal(ref[k], w[k]) for k in ref)
 
 
-def test_variable_length_items_with_a_padding_collate_keep_ddp_exact(tmp_path):
+def test_variable_length_items_with_a_padding_collate_keep_ddp_exact(two, tmp_path):
     """data.collate pads targets with -100: token counts differ per rank; the loss stays token-weighted."""
-    var = [*SEQ, "data.name=tests.user_models:VarLen", "data.collate=tests.user_models:pad", "train.epochs=2"]
-    one, w1, _ = train_inproc(tmp_path / "one", *var, "data.batch_size=16")
-    p = spawn(2, tmp_path / "two", *var, "data.batch_size=8", "data.num_workers=1")
-    assert p.returncode == 0, output(p)
-    assert max_diff(w1, torch.load(tmp_path / "two" / "model.pt", weights_only=True)) <= 1e-6
-    assert read_metrics(tmp_path / "two")[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+    one, w1, _ = train_inproc(tmp_path / "one", *VAR, "data.batch_size=16")
+    run_dir = done(two, "varlen")  # 2 ranks at batch 8, one DataLoader worker each
+    assert max_diff(w1, torch.load(run_dir / "model.pt", weights_only=True)) <= 1e-6
+    assert read_metrics(run_dir)[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
 
 
 def test_token_files_as_nanogpt_writes_them_train_in_windows(tmp_path):
@@ -214,14 +234,12 @@ class RankSharded(IterableDataset):
             yield self.data[i]
 
 
-def test_a_stream_that_shards_itself_by_rank_reads_its_share_and_equals_one_process(stream_one, tmp_path):
+def test_a_stream_that_shards_itself_by_rank_reads_its_share_and_equals_one_process(stream_one, two, tmp_path):
     """2 ranks, each reading only its round-robin shard (reading the whole stream fails): the weights of
     one process at batch 16 reading the whole stream. A shard() that is not round-robin is one line."""
     one, w1, _ = stream_one
-    sharded = [*STREAM, "data.name=tests.test_streams:RankSharded", "data.batch_size=8", "data.num_workers=1"]
-    p = spawn(2, tmp_path / "two", *sharded)
-    assert p.returncode == 0, output(p)
-    assert max_diff(w1, torch.load(tmp_path / "two" / "model.pt", weights_only=True)) <= 1e-6
-    assert read_metrics(tmp_path / "two")[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
-    p = spawn(2, tmp_path / "uneven", *sharded, "data.kwargs={uneven: true}")
+    run_dir = done(two, "sharded")
+    assert max_diff(w1, torch.load(run_dir / "model.pt", weights_only=True)) <= 1e-6
+    assert read_metrics(run_dir)[-1]["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+    p = spawn(2, tmp_path / "uneven", *SHARDED, "data.kwargs={uneven: true}")  # a real launcher: its exit code and line
     assert p.returncode == 2 and "does not deal the stream round-robin" in p.stderr, output(p)

@@ -16,7 +16,9 @@ from launch.errors import UserError
 from launch.observe.logger import read_metrics
 from launch.processes.dist import DistEnv, setup
 from launch.train.loop import train
-from tests.helpers import PY, ROOT, SMALL, output, run, single, spawn, torchrun
+from tests import jobs
+from tests.helpers import PY, ROOT, SMALL, output, run, single, spawn
+from tests.test_models import launch_inproc
 
 SEQ = ["model.name=tests.user_code:SeqGRU", "data.name=tests.user_code:Tokens", "train.optimizer=adamw", "train.lr=0.01", "log.progress=false", "train.device=cpu"]
 REG = ["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regression", "train.loss=mse", "train.lr=0.05", "log.progress=false", "train.device=cpu"]
@@ -24,7 +26,7 @@ REG = ["model.name=tests.user_code:Linear1", "data.name=tests.user_code:Regressi
 
 def train_inproc(run_dir, *overrides):
     cfg = config.load(None, [f"run.dir={run_dir}", *overrides])
-    with contextlib.redirect_stdout(io.StringIO()):
+    with jobs.one_thread(), contextlib.redirect_stdout(io.StringIO()):
         result = train(cfg, setup(cfg, DistEnv("plain")))
     return result, torch.load(run_dir / "model.pt", weights_only=True)
 
@@ -34,11 +36,12 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_sequence_model_torchrun_2_equals_one_process(tmp_path):
-    """[B, T, V] logits with [B, T] targets, some ignored: token-weighted loss; 101 sequences."""
+def test_sequence_model_ddp_2_equals_one_process(tmp_path):
+    """[B, T, V] logits with [B, T] targets, some ignored: token-weighted loss; 101 sequences. The 2 ranks
+    are spawned gloo ranks running the loop (tests/jobs.py): no launcher is under test here."""
     one, w1 = train_inproc(tmp_path / "one", *SEQ, "data.batch_size=16", "train.epochs=2")
-    p = torchrun(2, tmp_path / "two", *SEQ, "data.batch_size=8", "train.epochs=2")
-    assert p.returncode == 0, output(p)
+    jobs.run_jobs(2, [("two", [*SEQ, "data.batch_size=8", "train.epochs=2", f"run.dir={tmp_path / 'two'}"], "")], tmp_path / "out")
+    assert jobs.ended(tmp_path / "out", "two")["ended"] == "done", jobs.log(tmp_path / "out", "two")
     w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert max_diff(w1, w2) <= 1e-5
     rec = read_metrics(tmp_path / "two")[-1]
@@ -119,16 +122,16 @@ def test_predict_plot_and_eval_follow_the_task(tmp_path):
 
     reg, _ = train_inproc(tmp_path / "reg", *REG, "train.epochs=3")
     seq, _ = train_inproc(tmp_path / "seq", *SEQ, "train.epochs=2", "data.batch_size=16")
-    ev = run([PY, "-m", "launch", "predict", str(tmp_path / "reg"), "--eval", "-o", str(tmp_path / "reg.csv")], timeout=60)
+    ev = launch_inproc("predict", tmp_path / "reg", "--eval", "-o", tmp_path / "reg.csv")
     assert ev.returncode == 0, output(ev)
     got = json.loads(ev.stdout.splitlines()[0])
     assert "accuracy" not in got and got["loss"] == pytest.approx(reg["eval_loss"], rel=1e-9) and got["samples"] == 203
     rows = list(csv.reader(open(tmp_path / "reg.csv")))
     assert rows[0] == ["row", "prediction", "label"] and len(rows) == 204 and all(float(r[1]) == float(r[1]) for r in rows[1:])
     assert all(float(r[2]) == float(r[2]) for r in rows[1:])  # the split's own targets (issue 22.11), values like the predictions
-    sev = run([PY, "-m", "launch", "predict", str(tmp_path / "seq"), "--eval"], timeout=60)
+    sev = launch_inproc("predict", tmp_path / "seq", "--eval")
     assert sev.returncode == 0 and json.loads(sev.stdout)["accuracy"] == pytest.approx(seq["eval_accuracy"], rel=1e-9), output(sev)
-    refused = run([PY, "-m", "launch", "predict", str(tmp_path / "seq")], timeout=60)
+    refused = launch_inproc("predict", tmp_path / "seq")
     assert refused.returncode == 2 and "a sequence model): use --eval" in refused.stderr, output(refused)
     if importlib.util.find_spec("matplotlib"):
         from launch.commands.plot import plot_runs
