@@ -20,6 +20,8 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import forked
+
 
 def _worker(rank: int, k: int, port: int, jobs: list, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(k), LOCAL_WORLD_SIZE=str(k),
@@ -66,7 +68,7 @@ def run_jobs(k: int, jobs: list, out) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore("127.0.0.1", 0, k, is_master=True, wait_for_workers=False)
-    mp.start_processes(_worker, args=(k, store.port, jobs, str(out)), nprocs=k, start_method="spawn")
+    mp.start_processes(_worker, args=(k, store.port, jobs, str(out)), nprocs=k, start_method=forked())
 
 
 def ended(out, name: str, rank: int = 0, attempt: int = 1) -> dict:
