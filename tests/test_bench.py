@@ -11,7 +11,16 @@ from launch.commands.bench import crossover, markdown, mlp_params, plot
 from launch.commands.bench import peers as peers_mod
 from launch.commands.bench.workloads import SWEEP_CONFIG
 
+from tests import jobs
 from tests.helpers import PY, output, run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The loops this file runs in this process use one thread, as the bench's own process does under
+    the tests (OMP_NUM_THREADS=1, tests/helpers.py): two threads on tiny MLPs spend most CPU at barriers."""
+    with jobs.one_thread():
+        yield
 
 
 def test_mlp_params_match_the_seeds_sizes():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from launch.data.order import rank_train_indices
 from launch.data.types import Split
 from launch.errors import UserError
 from launch.models.build import NeuralNetwork
-from tests import dist_checks
-from tests.helpers import PY, output, run, single, spawn, torchrun
+from tests import dist_checks, jobs
+from tests.helpers import PY, SMALL, output, run, single, spawn, torchrun
 
 # --------------------------------------------------------------------------- sampler (pure)
 
@@ -69,13 +70,54 @@ def test_step_j_of_k_ranks_is_step_j_of_one_process_at_k_times_the_batch(n, b, k
 # --------------------------------------------------------------------------- real gloo groups
 
 
+# 385 samples divide by neither 2, 3 nor the batch, and leave ONE sample for the last micro-step:
+# at world size 2 and 3 the other ranks have nothing in it (they run a zero-weight stand-in).
+UNEVEN = "data.n_train=385"
+ACCUM = [*SMALL, UNEVEN, "data.batch_size=8", "train.accum_steps=2"]  # 3 processes x batch 8 x 2 accumulation steps = 48 per optimizer step
+
+
+def _checks_then_jobs(rank: int, k: int, checks_port: int, checks_out: str, jobs_port: int, job_list: list, jobs_out: str) -> None:
+    """One set of spawned ranks for two things: the gloo checks, then training runs (tests/jobs.py)."""
+    dist_checks._worker(rank, k, checks_port, checks_out)
+    jobs._worker(rank, k, jobs_port, job_list, jobs_out)
+
+
 @pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory):
-    out = {}
-    for ws in (1, 2, 3):
-        d = tmp_path_factory.mktemp(f"ws{ws}")
-        out[ws] = dist_checks.run_checks(ws, str(d))
-    return out
+def e2e(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory, e2e):
+    """3 spawned gloo ranks: the checks of tests/dist_checks.py, then the accumulation run (3 x batch 8
+    x 2 accumulation steps, <e2e>/accum3) trained on the same ranks; what the ranks printed and how the
+    run ended in <e2e>/out."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp("ws3")
+    (e2e / "out").mkdir()
+    stores = [dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False) for _ in range(2)]
+    job_list = [("accum3", [*ACCUM, f"run.dir={e2e / 'accum3'}"], "")]
+    mp.start_processes(_checks_then_jobs, args=(3, stores[0].port, str(d), stores[1].port, job_list, str(e2e / "out")), nprocs=3, start_method="spawn")
+    return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(3)]
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory, three_ranks):
+    """World size 1 in this process (a real gloo group of one rank, its environment and thread count
+    put back afterwards), 2 on spawned ranks, 3 on those of `three_ranks`."""
+    import torch.distributed as dist
+
+    d, env, threads = tmp_path_factory.mktemp("ws1"), dict(os.environ), torch.get_num_threads()
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    try:
+        dist_checks._worker(0, 1, store.port, str(d))
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    return {1: [torch.load(d / "rank0.pt", weights_only=True)], 2: dist_checks.run_checks(2, str(tmp_path_factory.mktemp("ws2"))), 3: three_ranks}
 
 
 def test_sampler_shards_disjoint_cover_and_reshuffle(gloo_results):
@@ -120,23 +162,18 @@ def test_exact_eval_of_a_sequence_task_for_world_sizes(gloo_results):
 # --------------------------------------------------------------------------- end to end
 
 
-# 385 samples divide by neither 2, 3 nor the batch, and leave ONE sample for the last micro-step:
-# at world size 2 and 3 the other ranks have nothing in it (they run a zero-weight stand-in).
-UNEVEN = "data.n_train=385"
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The launchers on one tiny job: per-process batch 16; single at 32 and 48 matches k=2, 3;
-    torchrun3_accum is 3 processes x batch 8 x 2 accumulation steps = 48 per optimizer step."""
-    base = tmp_path_factory.mktemp("e2e")
+def runs(e2e, three_ranks):
+    """The launchers on one tiny job: per-process batch 16; single at 32 and 48 matches k=2, 3. Each
+    launcher runs once for real; the reference at 48 runs in this process, and accum3 (3 processes x
+    batch 8 x 2 accumulation steps = 48 per optimizer step) on the spawned ranks of `three_ranks`."""
+    base = e2e
     procs = {
         "single32": single(base / "single32", UNEVEN, "data.batch_size=32"),
-        "single48": single(base / "single48", UNEVEN, "data.batch_size=48"),
         "spawn2": spawn(2, base / "spawn2", UNEVEN),
         "torchrun3": torchrun(3, base / "torchrun3", UNEVEN),
-        "torchrun3_accum": torchrun(3, base / "torchrun3_accum", UNEVEN, "data.batch_size=8", "train.accum_steps=2"),
     }
+    _train_in_process(base / "single48", *SMALL, UNEVEN, "data.batch_size=48")
     return base, procs
 
 
@@ -152,10 +189,12 @@ def test_every_launcher_writes_the_run_directory(runs):
     base, procs = runs
     for name, p in procs.items():
         assert p.returncode == 0, output(p)
+        assert "done: eval_accuracy" in p.stdout
+    assert jobs.ended(base / "out", "accum3")["ended"] == "done", jobs.log(base / "out", "accum3")
+    for name in (*procs, "single48", "accum3"):  # the references too, trained in this process and on spawned ranks
         d = base / name
         assert (d / "config.yaml").is_file() and (d / "model.pt").is_file() and (d / "checkpoints" / "latest").is_file()
         assert len(_metrics(d)) == 2, name
-        assert "done: eval_accuracy" in p.stdout
     assert "launcher=torchrun" in procs["torchrun3"].stdout and "world_size=3" in procs["torchrun3"].stdout
     assert "launcher=spawn" in procs["spawn2"].stdout and "world_size=2" in procs["spawn2"].stdout
     assert "launcher=plain" in procs["single32"].stdout
@@ -169,7 +208,7 @@ def test_ddp_weights_load_strict_into_the_bare_model(runs):
     model.load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("ddp,ref", [("spawn2", "single32"), ("torchrun3", "single48"), ("torchrun3_accum", "single48")])
+@pytest.mark.parametrize("ddp,ref", [("spawn2", "single32"), ("torchrun3", "single48"), ("accum3", "single48")])
 def test_ddp_equals_single_process_at_the_same_global_batch(runs, ddp, ref):
     base, _ = runs
     a, b = _weights(base / ddp), _weights(base / ref)
@@ -247,7 +286,8 @@ def _train_in_process(tmp_path, *overrides):
 
     cfg = config.load(None, [f"run.dir={tmp_path}", "log.progress=false", "train.device=cpu", *overrides])
     rt = dist_mod.setup(cfg, dist_mod.DistEnv("plain"))
-    return train(cfg, rt)
+    with jobs.one_thread():  # as the launchers' processes run (OMP_NUM_THREADS=1 in tests/helpers.py)
+        return train(cfg, rt)
 
 
 def test_user_model_and_dataset_by_import_path(tmp_path):

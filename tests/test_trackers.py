@@ -22,7 +22,7 @@ import pytest
 
 from launch.errors import UserError
 from launch.observe.logger import read_metrics
-from tests.helpers import PY, ROOT, output, run, single, spawn
+from tests.helpers import PY, ROOT, output, spawn
 
 FAST = ["log.every_steps=4", "train.check_every_steps=1"]  # 12 steps per epoch at --nproc 2: a step record at each epoch's end too
 
@@ -213,34 +213,62 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def train_here(run_dir, *overrides) -> int:
+    """One process's job in this process (no process boundary is under test here; its tracker relay is
+    a process of its own all the same): the exit code the plain launcher would give, after the relay
+    has finished (it writes to the same stdout and stderr, which capfd reads)."""
+    from launch import config
+    from launch.processes.dist import DistEnv, setup
+    from launch.processes.stopping import Stopped
+    from launch.train.loop import train
+    from tests import jobs
+    from tests.helpers import SMALL
+
+    cfg = config.load(None, [*SMALL, f"run.dir={run_dir}", *overrides])
+    try:
+        with jobs.one_thread():
+            train(cfg, setup(cfg, DistEnv("plain")))
+        code = 0
+    except Stopped as e:
+        code = e.code
+    psutil.wait_procs(relays_of(run_dir), timeout=120)
+    return code
+
+
 @needs_mlflow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path):
+def test_a_failing_tracker_warns_once_and_a_rerun_catches_it_up(tmp_path, monkeypatch, capfd):
     """...from metrics.jsonl, even when MLflow's sqlite file there is garbage: set aside, one line, a fresh one."""
     run_dir = tmp_path / "r"
     args = [*FAST, "data.batch_size=32", "log.tracker=[mlflow,tests.user_trackers:Recorder]"]
     # MLflow's server is gone (nothing listens there) and the recorder's disk is full from step 10.
     gone = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "RECORDER_FAIL_AT": "10"}
-    p = single(run_dir, *args, LAUNCH_FAULT="stop:step=20", **gone)
-    assert p.returncode == 75, output(p)
-    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: tracker")]
-    assert len(warnings) == 2, output(p)
+    for key, value in {**gone, "LAUNCH_FAULT": "stop:step=20"}.items():
+        monkeypatch.setenv(key, value)
+    code = train_here(run_dir, *args)
+    out, err = capfd.readouterr()
+    assert code == 75, out + err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: tracker")]
+    assert len(warnings) == 2, out + err
     assert "tracker mlflow failed while opening its run" in warnings[0] + warnings[1]
     assert any("tracker tests.user_trackers:Recorder failed at step 12 (OSError: [Errno 28] No space left" in w for w in warnings), warnings
     assert [r["step"] for r in read_metrics(run_dir)] == [4, 8, 12, 12, 16]  # metrics.jsonl unaffected (a stop at 20 comes before its record)
     # The rerun, with both working again (MLflow on the default sqlite file, where garbage lies): each
     # catches up from metrics.jsonl and goes on, nothing twice; the garbage is set aside, said in one line.
+    for key in (*gone, "LAUNCH_FAULT"):
+        monkeypatch.delenv(key)
     db = run_dir / "mlflow.db"
     db.write_bytes(GARBAGE)
-    p = single(run_dir, *args)
-    assert p.returncode == 0 and "warning" not in p.stderr, output(p)
+    code = train_here(run_dir, *args)
+    out, err = capfd.readouterr()
+    assert code == 0 and "warning" not in err, out + err
     steps = [r["step"] for r in read_metrics(run_dir)]
     recorded = [json.loads(line) for line in (run_dir / "recorder.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recorded if "step" in r] == steps
     assert [r["finish"] for r in recorded if "finish" in r] == ["finished"]  # the failed one got no more calls
-    said = [line for line in p.stdout.splitlines() if line.startswith("mlflow: ")]
+    said = [line for line in out.splitlines() if line.startswith("mlflow: ")]
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["id"]
-    assert len(said) == 1 and f"run {run_id} in sqlite:///{db} (a new run, caught up from metrics.jsonl: {db} was unreadable (file is not a database), kept as mlflow.db.unreadable-" in said[0], output(p)
+    assert len(said) == 1 and f"run {run_id} in sqlite:///{db} (a new run, caught up from metrics.jsonl: {db} was unreadable (file is not a database), kept as mlflow.db.unreadable-" in said[0], out + err
     (kept,) = run_dir.glob("mlflow.db.unreadable-*")
     assert kept.read_bytes() == GARBAGE  # set aside as it was, never deleted
     client = mlflow_client(run_dir)
