@@ -194,10 +194,11 @@ def _start_method() -> str:
     short run on a small machine). It only imports: no CUDA context, no threads, no process group
     exists in it, which is what makes forking safe. Its workers inherit its environment from when it
     started (this process's, here). The server dies with this process (launch.processes.server), each
-    worker with the server. Where there is no forkserver (Windows): spawn."""
+    worker with the server. Linux only, as the DataLoader's fork (launch.data.loader): macOS's system
+    frameworks are not fork-safe once torch has loaded them, and Windows has no forkserver: spawn there."""
     import multiprocessing
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if not sys.platform.startswith("linux") or "forkserver" not in multiprocessing.get_all_start_methods():
         return "spawn"
     os.environ[lifeline.PARENT_ENV] = str(os.getpid())  # the server's parent (launch.processes.server)
     multiprocessing.set_forkserver_preload(["launch.processes.server", "torch", "launch.train.loop"])
