@@ -66,9 +66,11 @@ def wait_for(what: str, found, proc: subprocess.Popen, deadline_s: float = 120):
 
 def forked() -> str:
     """The start method for a test's own `mp.start_processes`: a forkserver that imported torch and the
-    training code once per pytest worker, so each rank starts without an interpreter start-up of its own
+    training code (and transformers, peft) once per pytest worker, so each rank starts without an interpreter start-up of its own
     (about 2 s of CPU each), as the `--nproc` launcher does (launch.processes.entry)."""
     import multiprocessing
 
-    multiprocessing.set_forkserver_preload(["torch", "launch.train.loop"])
+    # and the Hugging Face stack where installed (a missing one is skipped by the server): a rank that
+    # builds a Llama or a LoRA model would import it for seconds of its own
+    multiprocessing.set_forkserver_preload(["torch", "launch.train.loop", "transformers", "transformers.models.llama.modeling_llama", "peft"])
     return "forkserver"
