@@ -182,6 +182,12 @@ def test_a_lightning_module_trains_through_its_training_step_and_ddp_equals_one_
     assert abs(plain - expected) > 1e-3  # the step's loss is told apart from train.loss's
 
 
+def test_a_lightning_module_without_training_step_says_what_trains_it(tmp_path):
+    p = single(tmp_path, "model.name=tests.user_models:LitForwardOnly", "train.epochs=1", **_lightning_env("stand-in"))
+    assert p.returncode == 0, output(p)
+    assert "note: LitForwardOnly is a LightningModule trained through forward with train.loss=cross_entropy: training_step, " in p.stdout, output(p)
+
+
 def test_a_lightning_step_returning_a_sum_is_one_line(tmp_path):
     p = single(tmp_path, "model.name=tests.user_models:LitSumLoss", "train.epochs=1", **_lightning_env("stand-in"))
     assert p.returncode != 0

@@ -69,14 +69,14 @@ def step_loss(model: nn.Module) -> Optional[Callable]:
     return loss
 
 
-def note(model: nn.Module, cfg) -> str:
-    """What of a LightningModule is used and what is not, in one line (empty for other models)."""
-    base = lightning_base(model)
-    if base is None:
+def note(model: nn.Module, cfg, trained_by: str = "") -> str:
+    """What of a LightningModule is used and what is not, in one line (empty for other models).
+    `trained_by`: what its loss is when not its training_step (e.g. 'model.loss_arg=labels'); empty: the step."""
+    if lightning_base(model) is None:
         return ""
     name = type(model).__name__
-    if type(model).training_step is base.training_step:
-        return f"note: {name} is a LightningModule without a training_step: it trains through forward with train.loss={cfg.train.loss}"
+    if trained_by:
+        return f"note: {name} is a LightningModule trained through {trained_by}: training_step, configure_optimizers and self.log are not used"
     return (
         f"loss: {name}.training_step (a LightningModule; its loss is taken as a mean over the batch's samples, checked on the first batch); "
         f"not used: configure_optimizers (train.optimizer={cfg.train.optimizer}, train.lr={cfg.train.lr} train it), self.log, "

@@ -60,8 +60,11 @@ class Task:
         self.name = cfg.train.loss
         # the model's own loss: a LightningModule's training_step, or a loss(batch) method (not a
         # `self.loss = nn.CrossEntropyLoss()` submodule, which is a loss of (output, target))
-        self.method = None if cfg.model.loss_arg else (lightning.step_loss(model) or losses.own_method(model))
-        self.lightning_note = lightning.note(model, cfg)
+        step = None if cfg.model.loss_arg else lightning.step_loss(model)
+        self.method = step or (None if cfg.model.loss_arg else losses.own_method(model))
+        trained_by = "" if step else (f"model.loss_arg={cfg.model.loss_arg}" if cfg.model.loss_arg else
+                                       "its loss(batch) method" if self.method else f"forward with train.loss={cfg.train.loss}")
+        self.lightning_note = lightning.note(model, cfg, trained_by)  # said at start-up, whichever way it trains
         if cfg.model.loss_arg:
             self.kind = "output"
         elif self.method is not None:
@@ -162,6 +165,7 @@ class Task:
         try:
             with torch.no_grad():
                 raw = self._check_loss(model, inputs, target)
+                self.output_note = "; ".join(filter(None, [self.lightning_note, self.output_note]))
                 if not self.metrics.fitted:
                     self._fit_metrics(model, inputs, target, raw)
         finally:
@@ -171,7 +175,7 @@ class Task:
         """The loss's checks; returns the model's output on the batch (None where the loss calls the model itself)."""
         if self.kind == "model":
             losses.check_method_sums(self.method, model, inputs, target, self.debug)
-            self.output_note = self.lightning_note or "loss: the model's loss(batch) method (sum, count)"
+            self.output_note = "loss: the model's loss(batch) method (sum, count)" if self.method.label == "model.loss(batch)" else ""
             return None
         if self.kind == "output":
             self.output_note = self.own.check(model, inputs, target, self.debug)
