@@ -65,7 +65,7 @@ def step_loss(model: nn.Module) -> Optional[Callable]:
         n = _batch_size(batch)
         return value.float() * n, n
 
-    loss.label = f"{type(model).__name__}.training_step"
+    loss.label, loss.mean = f"{type(model).__name__}.training_step", True  # a mean, scaled by the samples
     return loss
 
 

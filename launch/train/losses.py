@@ -49,7 +49,7 @@ def own_method(model):
     def loss(m, batch):
         return m.loss(batch)
 
-    loss.label = "model.loss(batch)"
+    loss.label, loss.mean = "model.loss(batch)", False
     return loss
 
 
@@ -65,7 +65,7 @@ def check_method_sums(method, model, inputs, target, debug: bool) -> None:
     each = [call(what, method, model, p, debug=debug) for p in parts(inputs, target)]
     whole, pieces = float(out[0]), [float(e[0]) for e in each]
     if not adds_up(whole, pieces) or float(out[1]) != sum(float(e[1]) for e in each):
-        if what != "model.loss(batch)":  # a training_step's mean, scaled by the batch's samples
+        if method.mean:  # a training_step's mean, scaled by the batch's samples
             raise UserError(
                 f"{what} must return the mean of its batch's per-sample losses (the launcher weights it by samples across ranks): on the first batch of "
                 f"{target.shape[0]} its mean x samples gave {whole:.6g}, its samples one by one {sum(pieces):.6g} (a token mean over sequences of "

@@ -175,7 +175,7 @@ class Task:
         """The loss's checks; returns the model's output on the batch (None where the loss calls the model itself)."""
         if self.kind == "model":
             losses.check_method_sums(self.method, model, inputs, target, self.debug)
-            self.output_note = "loss: the model's loss(batch) method (sum, count)" if self.method.label == "model.loss(batch)" else ""
+            self.output_note = "" if self.method.mean else "loss: the model's loss(batch) method (sum, count)"  # a training_step: lightning_note says it
             return None
         if self.kind == "output":
             self.output_note = self.own.check(model, inputs, target, self.debug)
@@ -199,7 +199,7 @@ class Task:
     def _fit_metrics(self, model: nn.Module, inputs, target, raw) -> None:
         if self.kind == "model":
             asked = ", ".join(n for n in self.metrics.requested if n != "auto")
-            what = "a model with a loss(batch) method" if self.method.label == "model.loss(batch)" else self.method.label
+            what = self.method.label if self.method.mean else "a model with a loss(batch) method"
             raise UserError(f"train.metrics [{asked}]: {what} returns only its loss (evaluated as eval_loss), no predictions to score")
         if raw is None:
             raw = call(f"the model's forward with {self.own.arg}=target", self.own.call, model, inputs, target, debug=self.debug)
